@@ -241,6 +241,10 @@ class ShardWriter:
     def completed(self) -> set[str]:
         return set(self._stats)
 
+    def stats(self, shard: str) -> ShardStats:
+        """Counts of a committed shard."""
+        return self._stats[shard]
+
     def open(self, shard: str, rows_in: int | None = None, one_to_one: bool = True) -> ShardSink:
         if "/" in shard or shard.startswith((".", "_")):
             raise ValueError(f"invalid shard name {shard!r}")
