@@ -19,3 +19,7 @@ class DataFormatError(BabelforgeError, ValueError):
 
 class StageNotAvailableError(BabelforgeError, NotImplementedError):
     """A pipeline stage that this version of babelforge does not provide yet."""
+
+
+class ModelExistsError(BabelforgeError, FileExistsError):
+    """An output model directory already holds files and overwriting was not asked for."""
