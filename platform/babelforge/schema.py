@@ -37,7 +37,8 @@ SYNTHETIC_SCHEMA = pa.schema([
     pa.field("query", pa.string(), nullable=False),
     pa.field("positive", pa.string(), nullable=False),
     pa.field("hard_negative", pa.string()),
-    pa.field("lang", pa.string()),
+    pa.field("lang", pa.string()),          # language of the query (and of the positive, except bitext)
+    pa.field("positive_lang", pa.string()),  # language of the positive: differs from `lang` for bitext
     pa.field("task", pa.string()),
     pa.field("instruction", pa.string()),   # the retrieval instruction the query is written for
     pa.field("persona", pa.string()),
