@@ -9,10 +9,13 @@ rerunning the same command continues where it stopped.
     eval_base      evaluate it (report.json / report.md)
     ingest         bundled NTREX + Tatoeba (or any jsonl/parquet/text source) -> corpus shards
     synth          persona-conditioned (query, positive, hard negative) examples from corpus seeds
+    filter         ranking-consistency filter of synthetic + bitext pairs with the teacher (top-k)
+    mine           hard negatives from the teacher's ranking, with false-negative guards
 
 Stage sections take the keys of the stage's own job config minus the ones the pipeline fills in
 (``output_dir``, input directories, the model, ``ray``): ``ingest`` is an ingest config, while
-``eval`` and ``synth`` are the ``eval:`` / ``synth:`` sections of those jobs' configs.
+``eval`` and ``synth`` are the ``eval:`` / ``synth:`` sections of those jobs' configs. Any string
+may use ``{run_dir}`` and ``{base_model}``, e.g. ``teacher: {model: "{base_model}"}``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from pydantic import Field, model_validator
 from babelforge.config import StrictModel, dump_config, load_config
 from babelforge.data.config import IngestConfig, RayOptions
 from babelforge.eval.config import EvalSettings
+from babelforge.filter.config import FilterConfig
+from babelforge.mine.config import MineConfig
 from babelforge.synth.config import SynthSettings
 
 log = logging.getLogger(__name__)
@@ -37,14 +42,16 @@ log = logging.getLogger(__name__)
 __all__ = ["PipelineConfig", "run_pipeline", "register", "STAGES", "DEFAULT_CONFIG"]
 
 DEFAULT_CONFIG = "jobs/configs/pipeline.yaml"
-StageName = Literal["base_model", "eval_base", "ingest", "synth"]
-STAGES: tuple[str, ...] = ("base_model", "eval_base", "ingest", "synth")
+StageName = Literal["base_model", "eval_base", "ingest", "synth", "filter", "mine"]
+STAGES: tuple[str, ...] = ("base_model", "eval_base", "ingest", "synth", "filter", "mine")
 # Stage sections and the keys the pipeline fills in ({run_dir} is substituted).
 _SECTION_DEFAULTS: dict[str, dict[str, str]] = {
     "ingest": {"output_dir": "{run_dir}/ingest"},
+    "filter": {"output_dir": "{run_dir}/filter"},
+    "mine": {"output_dir": "{run_dir}/mine", "input": "{run_dir}/filter"},
 }
 # Which config section each stage needs.
-_STAGE_SECTION = {"eval_base": "eval", "ingest": "ingest", "synth": "synth"}
+_STAGE_SECTION = {"eval_base": "eval", "ingest": "ingest", "synth": "synth", "filter": "filter", "mine": "mine"}
 
 
 class PipelineConfig(StrictModel):
@@ -57,14 +64,19 @@ class PipelineConfig(StrictModel):
     eval: EvalSettings | None = None
     ingest: IngestConfig | None = None
     synth: SynthSettings | None = None
+    filter: FilterConfig | None = None
+    mine: MineConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _fill_stage_sections(cls, data: Any) -> Any:
-        """Point each stage section at its directory under ``run_dir`` and the shared Ray options."""
+        """Point each stage section at its directory under ``run_dir`` and the shared Ray options,
+        and substitute ``{run_dir}`` / ``{base_model}`` in every string of the config."""
         if not isinstance(data, dict):
             return data
         run_dir = str(data.get("run_dir") or cls.model_fields["run_dir"].default)
+        base_model = str(data.get("base_model") or cls.model_fields["base_model"].default)
+        data = _substitute(data, {"{run_dir}": run_dir, "{base_model}": base_model})
         ray = data.get("ray") or {}
         for section, defaults in _SECTION_DEFAULTS.items():
             if isinstance(data.get(section), dict):
@@ -81,6 +93,18 @@ class PipelineConfig(StrictModel):
         if order != list(self.stages):
             raise ValueError(f"`stages` must follow the pipeline order {list(STAGES)}, got {self.stages}")
         return self
+
+
+def _substitute(value: Any, table: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        for placeholder, replacement in table.items():
+            value = value.replace(placeholder, replacement)
+        return value
+    if isinstance(value, dict):
+        return {key: _substitute(item, table) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_substitute(item, table) for item in value]
+    return value
 
 
 @dataclass
@@ -171,11 +195,33 @@ def _synth(ctx: PipelineContext) -> StageOutcome:
     return StageOutcome("synth", 0.0, summary.format(), {"synthetic_dir": cfg.output_dir})
 
 
+def _filter(ctx: PipelineContext) -> StageOutcome:
+    from babelforge.filter.stage import format_report, run_filter
+
+    cfg = ctx.cfg.filter
+    assert cfg is not None
+    summary = run_filter(cfg)
+    print(format_report(summary))
+    return StageOutcome("filter", 0.0, summary.format(), {"filtered_dir": cfg.output_dir})
+
+
+def _mine(ctx: PipelineContext) -> StageOutcome:
+    from babelforge.mine.stage import format_report, run_mine
+
+    cfg = ctx.cfg.mine
+    assert cfg is not None
+    summary = run_mine(cfg)
+    print(format_report(summary))
+    return StageOutcome("mine", 0.0, summary.format(), {"training_dir": cfg.output_dir})
+
+
 _RUNNERS: dict[str, Callable[[PipelineContext], StageOutcome]] = {
     "base_model": _base_model,
     "eval_base": _eval_base,
     "ingest": _ingest,
     "synth": _synth,
+    "filter": _filter,
+    "mine": _mine,
 }
 
 
