@@ -247,6 +247,7 @@ def test_cli_ingests_the_bundled_corpora(ray_local, tmp_path, capsys):
     assert "[ingest] shards=6 rows in=7994" in report
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["quarantined"]["exact_duplicate"] >= 228   # English sides shared by deu-eng and fra-eng
+    assert manifest["quarantined"]["eval_contamination"] == 2 * 410   # decontaminate.ntrex_heldout: 410 lines
     assert manifest["rows_in"] == manifest["kept"] + sum(manifest["quarantined"].values())
     langs = {(r["source"], r["lang"]) for r in _kept(tmp_path / "out").values()}
     assert langs == {("ntrex", "de"), ("ntrex", "en"), ("tatoeba", "de"), ("tatoeba", "fr"), ("tatoeba", "en")}

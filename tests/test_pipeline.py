@@ -62,3 +62,21 @@ def test_cli_lists_every_stage_and_reports_errors_with_exit_code_2(tmp_path, cap
     bad.write_text("run_dir: x\nstagez: []\n")
     assert cli_main(["run", "--config", str(bad)]) == 2
     assert "stagez: unknown key" in capsys.readouterr().err
+
+
+def test_ingest_keeps_every_evaluation_text_out_of_the_corpus(tmp_path, ray_local):
+    """Eval texts exported by the pipeline are quarantined as eval_contamination, none are kept."""
+    import pyarrow.parquet as pq
+
+    cfg = load_config_dict({
+        "run_dir": str(tmp_path / "run"), "stages": ["ingest"],
+        "eval": {"tasks": [{"type": "tatoeba", "langs": ["sw"], "max_queries": 20}]},
+        "ingest": {"sources": [{"bundled": "tatoeba", "languages": ["sw"]}], "dedup": {"near": False}},
+    }, PipelineConfig)
+    run_pipeline(cfg)
+    eval_texts = set((tmp_path / "run" / "eval_texts.txt").read_text(encoding="utf-8").splitlines())
+    manifest = json.loads((tmp_path / "run" / "ingest" / "manifest.json").read_text())
+    assert manifest["quarantined"]["eval_contamination"] >= 20 + 300   # 20 sw queries + the English corpus
+    kept = pq.read_table(tmp_path / "run" / "ingest" / "data").column("text").to_pylist()
+    assert not {" ".join(t.split()) for t in kept} & eval_texts
+    assert len(kept) > 0   # the sw sentences that are not eval queries stay

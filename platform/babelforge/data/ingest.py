@@ -9,8 +9,11 @@ Two resumable phases, each committing one shard at a time through
 :class:`~babelforge.data.shards.ShardWriter` (an interrupted run picks up at the first uncommitted shard):
 
 1. **validate** (Ray Data, one task per shard, streamed to the driver): read the shard's records, take
-   the configured fields, normalise, check, detect missing languages and apply the overlong rule
-   (:mod:`babelforge.data.validate`). Output: ``<output_dir>/_ingest/staging/`` shards.
+   the configured fields, normalise, check, drop evaluation texts, detect missing languages and apply
+   the overlong rule (:mod:`babelforge.data.validate`). Output: ``<output_dir>/_ingest/staging/`` shards.
+   With ``decontaminate`` on, the driver first indexes the evaluation texts (held-out NTREX lines,
+   ``text_files``; :mod:`babelforge.data.decontaminate`), a few tens of thousands of 64-bit hashes
+   that every task receives through the object store; matches are quarantined as ``eval_contamination``.
 2. **dedup**: a Ray Data pass over the staging shards emits small key rows (id, text hash, MinHash
    bands), sorts them and sends only repeated keys to the driver, which decides what to drop
    (:mod:`babelforge.data.dedup`) and saves the decision to ``_ingest/duplicates.parquet``. Each staging
@@ -18,8 +21,9 @@ Two resumable phases, each committing one shard at a time through
    in ``<output_dir>/quarantine/``; per shard, rows in = kept + quarantined (minus the extra chunks
    of split texts, counted in ``extra.split_extra_rows``).
 
-``<output_dir>/_ingest/plan.json`` records the files, their shards and the settings; a rerun with other
-settings or changed input files is refused instead of mixing two runs. The staging shards are deleted
+``<output_dir>/_ingest/plan.json`` records the files, their shards and the settings (with the size and
+digest of the evaluation-text index); a rerun with other settings, changed input files or changed
+evaluation texts is refused instead of mixing two runs. The staging shards are deleted
 once every final shard is committed (unless ``keep_staging``).
 """
 
@@ -31,7 +35,7 @@ import logging
 import posixpath
 import time
 import uuid
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +44,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from babelforge.data.config import IngestConfig
+from babelforge.data.decontaminate import EvalTextIndex, build_eval_index
 from babelforge.data.dedup import DECISION_SCHEMA, DuplicateGroups, duplicate_keys, repeated_keys, resolve_duplicates
 from babelforge.data.readers import InputFile, ShardSpec, plan_file, plan_shards, resolve_source
 from babelforge.data.shards import (REJECT_DETAIL, REJECT_REASON, REJECT_RECORD, REJECT_SOURCE, ShardSink,
@@ -47,6 +52,9 @@ from babelforge.data.shards import (REJECT_DETAIL, REJECT_REASON, REJECT_RECORD,
 from babelforge.data.validate import process_shard
 from babelforge.errors import ConfigError
 from babelforge.schema import CORPUS_SCHEMA
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
 
 __all__ = ["run_ingest", "format_report", "STAGING_SCHEMA", "ShardHook"]
 
@@ -71,7 +79,10 @@ def run_ingest(cfg: IngestConfig, *, on_shard_committed: ShardHook | None = None
     """
     final = ShardWriter(cfg.output_dir, stage=STAGE, schema=CORPUS_SCHEMA)
     work = posixpath.join(final.root, "_ingest")
-    plan = _load_or_make_plan(cfg, final.fs, work)
+    eval_texts = build_eval_index(cfg.decontaminate, cfg.normalize)
+    if eval_texts is not None:
+        log.info("[ingest] decontamination: %d distinct evaluation texts", len(eval_texts))
+    plan = _load_or_make_plan(cfg, final.fs, work, _settings(cfg, eval_texts))
     if all(final.is_done(spec.name) for spec in plan):
         log.info("[ingest] all %d shards of %s are committed; nothing to do", len(plan), cfg.output_dir)
         return final.summary()
@@ -79,7 +90,7 @@ def run_ingest(cfg: IngestConfig, *, on_shard_committed: ShardHook | None = None
     _init_ray(cfg)
     staging = ShardWriter(_join_uri(cfg.output_dir, "_ingest/staging"), stage=STAGE, schema=STAGING_SCHEMA)
     resumed_validate = len(staging.completed())
-    validated = _validate_phase(plan, staging, cfg, on_shard_committed)
+    validated = _validate_phase(plan, staging, cfg, eval_texts, on_shard_committed)
 
     decisions_path = posixpath.join(work, "duplicates.parquet")
     if final.fs.get_file_info(decisions_path).type == pafs.FileType.NotFound:
@@ -129,13 +140,21 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _load_or_make_plan(cfg: IngestConfig, fs: pafs.FileSystem, work: str) -> list[ShardSpec]:
+def _settings(cfg: IngestConfig, eval_texts: EvalTextIndex | None) -> dict[str, Any]:
+    """What the plan records of the settings: the config's fingerprint and the evaluation texts' digest."""
+    settings = cfg.fingerprint()
+    if eval_texts is not None:
+        settings["decontaminate"]["index"] = eval_texts.fingerprint()
+    return settings
+
+
+def _load_or_make_plan(cfg: IngestConfig, fs: pafs.FileSystem, work: str, settings: dict[str, Any]) -> list[ShardSpec]:
     files = [f for index, source in enumerate(cfg.sources) for f in resolve_source(source, index)]
     path = posixpath.join(work, "plan.json")
     if fs.get_file_info(path).type == pafs.FileType.File:
         with fs.open_input_stream(path) as f:
             saved = json.loads(f.read().decode("utf-8"))
-        old, new = _flatten(saved["config"]), _flatten(cfg.fingerprint())
+        old, new = _flatten(saved["config"]), _flatten(settings)
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         if changed:
             raise ConfigError(f"output_dir {cfg.output_dir!r} holds a run made with other settings (changed: "
@@ -155,7 +174,7 @@ def _load_or_make_plan(cfg: IngestConfig, fs: pafs.FileSystem, work: str) -> lis
     chunks = ray.get([scan.remote(f, cfg.rows_per_shard) for f in files])
     plan = plan_shards(files, cfg.rows_per_shard, chunks)
     fs.create_dir(work, recursive=True)
-    payload = {"config": cfg.fingerprint(), "files": [dataclasses.asdict(f) for f in files],
+    payload = {"config": settings, "files": [dataclasses.asdict(f) for f in files],
                "shards": [spec.to_dict() for spec in plan]}
     _write_bytes_atomically(fs, path, json.dumps(payload, indent=1, ensure_ascii=False).encode("utf-8"))
     log.info("[ingest] planned %d shards over %d files in %.1fs", len(plan), len(files), time.time() - started)
@@ -177,9 +196,13 @@ def _write_parquet_atomically(fs: pafs.FileSystem, path: str, table: pa.Table) -
 
 # ------------------------------------------------------------------------------------ phase 1: validate
 
-def _process_specs(batch: pa.Table, cfg: IngestConfig) -> Iterator[pa.Table]:
+def _process_specs(batch: pa.Table, cfg: IngestConfig,
+                   eval_texts: "ObjectRef[EvalTextIndex] | None") -> Iterator[pa.Table]:
+    import ray
+
+    index = ray.get(eval_texts) if eval_texts is not None else None
     for spec in batch["spec"].to_pylist():
-        yield from process_shard(ShardSpec.from_dict(json.loads(spec)), cfg)
+        yield from process_shard(ShardSpec.from_dict(json.loads(spec)), cfg, index)
 
 
 def _count(table: pa.Table, flags: str | pa.ChunkedArray) -> int:
@@ -262,7 +285,8 @@ class _ValidatedShards:
         self._next = max(self._next, position)
 
 
-def _validate_phase(plan: list[ShardSpec], staging: ShardWriter, cfg: IngestConfig, hook: ShardHook | None) -> int:
+def _validate_phase(plan: list[ShardSpec], staging: ShardWriter, cfg: IngestConfig, eval_texts: EvalTextIndex | None,
+                    hook: ShardHook | None) -> int:
     pending = [spec for spec in plan if not staging.is_done(spec.name)]
     if not pending:
         return 0
@@ -271,7 +295,9 @@ def _validate_phase(plan: list[ShardSpec], staging: ShardWriter, cfg: IngestConf
     started = time.time()
     ds = ray.data.from_items([{"spec": json.dumps(spec.to_dict())} for spec in pending],
                              override_num_blocks=len(pending))
-    ds = ds.map_batches(_process_specs, batch_size=None, batch_format="pyarrow", fn_kwargs={"cfg": cfg})
+    eval_ref = ray.put(eval_texts) if eval_texts is not None else None   # one copy in the object store
+    ds = ds.map_batches(_process_specs, batch_size=None, batch_format="pyarrow",
+                        fn_kwargs={"cfg": cfg, "eval_texts": eval_ref})
     ds.context.execution_options.preserve_order = True   # shards arrive whole and in order
     with _ValidatedShards(staging, pending, hook) as router:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -9,12 +9,18 @@ breaks, then sentence ends (``.!?…`` followed by a space; ``。！？`` anywhe
 then a hard cut; neighbouring pieces are packed greedily so chunks are as long as allowed.
 ``truncate_text`` keeps the first ``max_chars`` characters, ending at a space when one is near.
 
+``canonical_text`` is the form in which decontamination compares texts with evaluation texts
+(:mod:`babelforge.data.decontaminate`): ``normalize_text``, then casefolding and every whitespace run
+collapsed to one space.
+
     >>> normalize_text("\\ufeff  Cafe\\u0301\\r\\nbar\\x00 ", "NFC")
     'Café\\nbar'
     >>> split_text("One two. Three four five. Six.", max_chars=12)
     ['One two.', 'Three four', 'five. Six.']
     >>> truncate_text("One two three", max_chars=9)
     'One two'
+    >>> canonical_text(" The\\u00a0CAFE\\u0301\\r\\n  bar ", "NFC")
+    'the café bar'
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ import re
 import unicodedata
 from typing import Literal
 
-__all__ = ["normalize_text", "split_text", "truncate_text"]
+__all__ = ["normalize_text", "canonical_text", "split_text", "truncate_text"]
 
 _NEWLINES = re.compile(r"\r\n?")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff]")
+_WHITESPACE = re.compile(r"\s+")
 
 # Boundaries from coarse to fine; each match ends a piece (the separator stays with the piece before it).
 _BOUNDARIES = (
@@ -40,6 +47,11 @@ def normalize_text(text: str, form: Literal["NFC", "NFKC"] = "NFC") -> str:
     """Unicode-normalised ``text`` with unified newlines, no control characters and no outer whitespace."""
     text = unicodedata.normalize(form, text)
     return _CONTROL.sub("", _NEWLINES.sub("\n", text)).strip()
+
+
+def canonical_text(text: str, form: Literal["NFC", "NFKC"] = "NFC") -> str:
+    """``normalize_text`` casefolded, with each whitespace run as one space (the ends are already stripped)."""
+    return _WHITESPACE.sub(" ", normalize_text(text, form).casefold())
 
 
 def _fits(text: str, max_chars: int) -> bool:

@@ -1,8 +1,10 @@
 """Turning raw records into corpus rows, or into quarantine rows with a reason (pure compute, no Ray).
 
 :func:`process_shard` reads one shard (:mod:`babelforge.data.readers`) and, record by record, takes
-the id, text, language and meta fields the source config names, normalises the text, checks it, fills
-the language (py3langid) where the source gives none and applies the overlong rule. Each output row is
+the id, text, language and meta fields the source config names, normalises the text, checks it, drops
+evaluation texts (``decontaminate``: the whole text, then each chunk of a split or truncated text, is
+looked up in an :class:`~babelforge.data.decontaminate.EvalTextIndex`), fills the language (py3langid)
+where the source gives none and applies the overlong rule. Each output row is
 either kept or carries ``_reject_reason``/``_reject_detail`` (see :data:`REASONS`), the raw record and
 its location ``file:line``, for :class:`~babelforge.data.shards.ShardWriter` to route.
 
@@ -27,6 +29,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from babelforge.data.config import IngestConfig, SourceConfig
+from babelforge.data.decontaminate import EvalTextIndex
 from babelforge.data.langid import detect_language, is_undetermined, to_iso639_1
 from babelforge.data.normalize import normalize_text, split_text, truncate_text
 from babelforge.data.readers import RawRecord, ShardSpec, json_default, read_shard
@@ -49,6 +52,8 @@ REASONS: dict[str, str] = {
     "undetected_language": "no language was declared and detection found none or was below langid.min_confidence",
     "language_mismatch": "langid.verify is on and the detected language differs from the declared one",
     "disallowed_language": "the language is not in langid.allowed_langs",
+    "eval_contamination": "the text (or a chunk of a split or truncated text) equals an evaluation text up to "
+                          "normalisation, case and whitespace (decontaminate); the detail names the evaluation text",
     "duplicate_id": "another record kept earlier has the same id",
     "exact_duplicate": "a record kept earlier has the same normalised text",
     "near_duplicate": "a record kept earlier has a near-identical text (MinHash LSH over character n-grams)",
@@ -77,10 +82,12 @@ class RecordContext:
     source: SourceConfig
     file_display: str
     file_lang: str | None
+    eval_texts: EvalTextIndex | None = None   # decontamination off when None
 
     @classmethod
-    def create(cls, cfg: IngestConfig, source_index: int, file_display: str, file_lang: str | None) -> "RecordContext":
-        return cls(cfg, cfg.sources[source_index], file_display, file_lang)
+    def create(cls, cfg: IngestConfig, source_index: int, file_display: str, file_lang: str | None,
+               eval_texts: EvalTextIndex | None = None) -> "RecordContext":
+        return cls(cfg, cfg.sources[source_index], file_display, file_lang, eval_texts)
 
 
 class _Rejected(Exception):
@@ -134,6 +141,20 @@ def _record_text(record: RawRecord, ctx: RecordContext) -> str:
         raise _Rejected("too_long", f"field {field!r} has {len(text)} characters, more than "
                                     f"max_chars={ctx.cfg.max_chars} (overlong: drop)")
     return text
+
+
+def _check_not_eval_text(text: str, ctx: RecordContext, what: str) -> None:
+    """Reject ``text`` (described by ``what``) when its canonical form is an evaluation text."""
+    source = ctx.eval_texts.match(text) if ctx.eval_texts is not None else None
+    if source is not None:
+        raise _Rejected("eval_contamination", f"{what} matches {source}")
+
+
+def _check_chunk(chunk: str, k: int, ctx: RecordContext) -> None:
+    what = f"field {ctx.source.text_field!r}: chunk {k} of the split text"
+    if len(chunk) < ctx.cfg.min_chars:
+        raise _Rejected("too_short", f"{what} has {len(chunk)} characters, fewer than min_chars={ctx.cfg.min_chars}")
+    _check_not_eval_text(chunk, ctx, what)
 
 
 def _declared_language(record: RawRecord, ctx: RecordContext) -> str | None:
@@ -191,6 +212,7 @@ def _rows(record: RawRecord, ctx: RecordContext) -> list[dict[str, Any]]:
     try:
         record_id = _record_id(record, ctx)
         text = _record_text(record, ctx)
+        _check_not_eval_text(text, ctx, f"field {ctx.source.text_field!r}")
         lang, detected = _language(text, _declared_language(record, ctx), ctx)
     except _Rejected as rejected:
         return [_rejected_row(rejected.reason, rejected.detail, record.raw, record.location, record_id)]
@@ -200,15 +222,22 @@ def _rows(record: RawRecord, ctx: RecordContext) -> list[dict[str, Any]]:
     if len(text) <= ctx.cfg.max_chars:
         return [{**base, "text": text}]
     if ctx.cfg.overlong == "truncate":
-        return [{**base, "text": truncate_text(text, ctx.cfg.max_chars), "_truncated": True}]
+        truncated = truncate_text(text, ctx.cfg.max_chars)
+        try:
+            _check_not_eval_text(truncated, ctx, f"field {ctx.source.text_field!r} truncated to "
+                                                 f"max_chars={ctx.cfg.max_chars}")
+        except _Rejected as rejected:
+            return [_rejected_row(rejected.reason, rejected.detail, record.raw, record.location, record_id)
+                    | {"_lang_detected": detected}]
+        return [{**base, "text": truncated, "_truncated": True}]
     rows = []
     for k, chunk in enumerate(split_text(text, ctx.cfg.max_chars)):
         row = {**base, "id": f"{record_id}#{k}", "text": chunk, "_chunk": k}
-        if len(chunk) < ctx.cfg.min_chars:
+        try:
+            _check_chunk(chunk, k, ctx)
+        except _Rejected as rejected:
             raw = json.dumps({"id": row["id"], "text": chunk}, ensure_ascii=False)
-            detail = (f"field {ctx.source.text_field!r}: chunk {k} of the split text has {len(chunk)} characters, "
-                      f"fewer than min_chars={ctx.cfg.min_chars}")
-            row = _rejected_row("too_short", detail, raw, record.location, row["id"]) | {
+            row = _rejected_row(rejected.reason, rejected.detail, raw, record.location, row["id"]) | {
                 "_chunk": k, "_lang_detected": detected}
         rows.append(row)
     return rows
@@ -219,9 +248,12 @@ def process_records(records: list[RawRecord], ctx: RecordContext) -> list[dict[s
     return [row for record in records for row in _rows(record, ctx)]
 
 
-def process_shard(spec: ShardSpec, cfg: IngestConfig) -> Iterator[pa.Table]:
-    """Tables of :data:`OUTPUT_SCHEMA` for one shard, ``cfg.batch_rows`` records at a time."""
-    ctx = RecordContext.create(cfg, spec.file.source_index, spec.file.display, spec.file.lang)
+def process_shard(spec: ShardSpec, cfg: IngestConfig, eval_texts: EvalTextIndex | None = None) -> Iterator[pa.Table]:
+    """Tables of :data:`OUTPUT_SCHEMA` for one shard, ``cfg.batch_rows`` records at a time.
+
+    ``eval_texts``: the evaluation texts to quarantine (:func:`babelforge.data.decontaminate.build_eval_index`).
+    """
+    ctx = RecordContext.create(cfg, spec.file.source_index, spec.file.display, spec.file.lang, eval_texts)
     for records in read_shard(spec, ctx.source.text_field, cfg.batch_rows):
         rows = process_records(records, ctx)
         for row in rows:
