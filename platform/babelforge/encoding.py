@@ -40,7 +40,8 @@ class ActorPlan:
 
 
 def plan_actors(actors: int | None = None, gpus_per_actor: float | None = None) -> ActorPlan:
-    """One actor per GPU when the cluster has GPUs; otherwise CPU actors that leave a core free.
+    """One actor per GPU when the cluster has GPUs (or ``gpus_per_actor`` is set); otherwise CPU
+    actors that leave a core free. ``gpus_per_actor=0`` forces CPU actors on a GPU cluster.
 
     Whole CPUs only: Ray Data stalls when an actor pool reserves fractional or more CPUs than the
     cluster has left for its read and write tasks.
@@ -50,7 +51,9 @@ def plan_actors(actors: int | None = None, gpus_per_actor: float | None = None) 
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     cpus = max(1, int(resources.get("CPU", 1)))
-    if gpus and gpus_per_actor != 0:
+    # An explicit gpus_per_actor requests GPU actors even while no GPU node is up, so an
+    # autoscaling cluster whose GPU groups start at zero scales them up.
+    if gpus_per_actor or (gpus and gpus_per_actor != 0):
         per = gpus_per_actor or 1.0
         n = actors or max(1, int(gpus // per))
         return ActorPlan(actors=n, num_gpus=per, num_cpus=1, torch_threads=1)
