@@ -7,8 +7,9 @@ Pairs: NTREX bitext (training side) for ``--directions`` with ``--pairs-per-dire
   search the pool (one actor per GPU on a GPU machine), driver streaming into committed shards.
   Ray is started before the clock starts; everything else (actor start, model loads) is timed.
 - **baseline**: one process, no Ray: ``Embedder.encode`` of the pool and the queries (once),
-  exact faiss search (:func:`babelforge.eval.search.search_inner_product`), the same rank rule and
-  the same negative selection (:func:`babelforge.mine.sampling.select_negatives`).
+  exact faiss search (:func:`babelforge.eval.search.search_inner_product`), the same rank rule
+  (without the query's own text and the pair's other translation-group texts) and the same
+  negative selection (:func:`babelforge.mine.sampling.select_negatives`, group texts marked).
 
 The JSON report has both throughputs, their ratio (pipeline / baseline), how far the kept pairs
 and mined negatives of the two agree (they should, up to float near-ties) and the machine's load
@@ -92,19 +93,23 @@ def run_baseline(model_dir: str, args: argparse.Namespace, negatives: NegativeSe
     pool = model.encode(pool_texts, prompt_name="passage", batch_size=64)
     queries = model.encode([p["query"] for p in pairs], prompt_name="query", batch_size=64)
     positive_rows = np.array([row_of[p["positive"]] for p in pairs])
-    query_rows = [row_of.get(p["query"]) for p in pairs]
-    depth = max(args.k, negatives.max_rank)
-    result = search_inner_product(queries, pool, depth, exclude=[[r] if r is not None else [] for r in query_rows])
+    query_rows = [{row_of[p["query"]]} if p["query"] in row_of else set() for p in pairs]
+    group_rows: dict[str, set[int]] = {}   # NTREX line -> pool rows of its translations
+    for p in pairs:
+        group_rows.setdefault(p["group"], set()).update(row_of[t] for t in (p["query"], p["positive"]) if t in row_of)
+    same_group = [group_rows[p["group"]] - {int(r)} for p, r in zip(pairs, positive_rows)]
+    ranked = search_inner_product(queries, pool, args.k, exclude=[q | g for q, g in zip(query_rows, same_group)])
+    result = search_inner_product(queries, pool, negatives.max_rank, exclude=query_rows)
     direct = np.einsum("ij,ij->i", queries, pool[positive_rows])
-    positive_scores = scores_of_rows(result.indices, result.scores, positive_rows, direct)
-    ranks = positive_ranks(result.indices, result.scores, positive_rows, positive_scores, args.k)
+    positive_scores = scores_of_rows(ranked.indices, ranked.scores, positive_rows, direct)
+    ranks = positive_ranks(ranked.indices, ranked.scores, positive_rows, positive_scores, args.k)
     rows = {}
     for i in np.nonzero(ranks != BEYOND_K)[0]:
-        candidate_rows = result.indices[i, :negatives.max_rank]
+        candidate_rows = result.indices[i]
         valid = np.where(candidate_rows < 0, 0, candidate_rows)
-        candidates = Candidates(candidate_rows, result.scores[i, :negatives.max_rank],
+        candidates = Candidates(candidate_rows, result.scores[i],
                                 [pool_texts[r] if r >= 0 else None for r in candidate_rows],
-                                pool[valid] @ pool[positive_rows[i]])
+                                pool[valid] @ pool[positive_rows[i]], np.isin(candidate_rows, list(same_group[i])))
         positive = Positive(int(positive_rows[i]), float(positive_scores[i]), pairs[i]["positive"])
         choice = select_negatives(candidates, positive, negatives, query=pairs[i]["query"], pair_id=pairs[i]["id"])
         if len(choice.negatives) == negatives.num_negatives:

@@ -1,7 +1,10 @@
-"""filter -> mine on Ray with the tiny teacher: filtering keeps exactly the pairs whose positive the
-teacher ranks within k (checked against brute force over in-process embeddings), mining never
-returns the positive nor a candidate over the guard, nothing is lost (rows in = kept +
-quarantined), and a rerun resumes from committed shards without recomputing them."""
+"""filter -> mine on Ray with the tiny teacher over multi-parallel pairs (NTREX lines for en/de/fr/ru,
+pairs en-de, en-fr, en-ru: the positives of one line translate each other and share its group):
+filtering keeps exactly the pairs whose positive the teacher ranks within k among the texts that
+are neither the query nor another text of its group (checked against brute force over in-process
+embeddings), the pool records each text's groups, mining never returns the positive, a text of
+the pair's group nor a candidate over the guard, nothing is lost (rows in = kept + quarantined),
+and a rerun resumes from committed shards without recomputing them."""
 
 from __future__ import annotations
 
@@ -38,10 +41,21 @@ class Interrupted(Exception):
 
 
 def _write_pairs(path) -> list[dict]:
-    english, german = read_ntrex("en"), read_ntrex("de")
-    rows = [{"id": f"p{i:02d}", "query": english[i], "positive": german[i],
-             "hard_negative": german[i + 100] if i % 4 == 0 else None, "query_lang": "en", "positive_lang": "de",
-             "task": "bitext", "instruction": None, "source": "test"} for i in range(36)]
+    """12 NTREX lines x (en-de, en-fr, en-ru) in group ``ntrex:<line>``; some German pairs carry an
+    unrelated hard negative (one of them the English query of line 3, which joins the pool with
+    group ``ntrex:3``), one French pair a translation of its own line (which must not be used)."""
+    english, german, french, russian = (read_ntrex(lang) for lang in ("en", "de", "fr", "ru"))
+    rows = []
+    for lang, texts in (("de", german), ("fr", french), ("ru", russian)):
+        for i in range(12):
+            hard_negative = german[i + 100] if lang == "de" and i % 4 == 0 else None
+            if lang == "de" and i == 2:
+                hard_negative = english[3]
+            if lang == "fr" and i == 1:
+                hard_negative = russian[i]
+            rows.append({"id": f"p-{lang}-{i:02d}", "query": english[i], "positive": texts[i],
+                         "hard_negative": hard_negative, "query_lang": "en", "positive_lang": lang,
+                         "task": "bitext", "instruction": None, "source": "test", "group": f"ntrex:{i}"})
     rows += [{"id": "bad-empty", "query": "  ", "positive": german[50]}, {"id": "bad-missing", "query": english[51],
               "positive": None}, {"id": "bad-same", "query": german[52], "positive": german[52]}]
     pq.write_table(pa.Table.from_pylist(rows, schema=PAIRS_INPUT_SCHEMA), path)
@@ -73,9 +87,19 @@ def filtered(ray_local, tiny_encoder_dir, tmp_path_factory):
                            marker_mtime=marker_mtime, pool_mtime=pool_mtime, resumed=committed_on_resume)
 
 
-def _brute_force_ranks(cfg: FilterConfig, rows: list[dict]) -> dict[str, tuple[int, float, float]]:
-    """pair id -> (rank of the positive, its score, margin to the k-th competitor), from embeddings
-    computed here, in-process, over the texts of the stored pool."""
+def _group_texts(rows: list[dict]) -> dict[str, set[str]]:
+    """group -> the queries and positives of its pairs."""
+    texts: dict[str, set[str]] = {}
+    for row in rows:
+        if row.get("group"):
+            texts.setdefault(row["group"], set()).update((row["query"], row["positive"]))
+    return texts
+
+
+def _brute_force_ranks(cfg: FilterConfig, rows: list[dict]) -> dict[str, tuple[int, float, float, int]]:
+    """pair id -> (rank of the positive, its score, margin to the k-th competitor, number of texts of
+    its group scoring above it), from embeddings computed here, in-process, over the texts of the
+    stored pool."""
     model = Embedder.from_pretrained(cfg.teacher.model)
     store = VectorStore(cfg.pool_dir())
     texts = [t for s in store.shards() for t in store.read_rows(s.name, ["text"]).column("text").to_pylist()]
@@ -85,14 +109,18 @@ def _brute_force_ranks(cfg: FilterConfig, rows: list[dict]) -> dict[str, tuple[i
     row_of = {t: i for i, t in enumerate(texts)}
     valid = [r for r in rows if r["id"] not in INVALID]
     queries = model.encode([r["query"] for r in valid], prompt_name="query")
+    group_texts = _group_texts(rows)
     ranks = {}
     for row, query in zip(valid, queries):
         scores = pool @ query
         positive = row_of[row["positive"]]
-        competitors = np.array([s for i, s in enumerate(scores) if i != positive and texts[i] != row["query"]])
+        same_group = group_texts[row["group"]] - {row["positive"]}
+        competitors = np.array([s for i, s in enumerate(scores)
+                                if i != positive and texts[i] != row["query"] and texts[i] not in same_group])
         rank = 1 + int((competitors > scores[positive]).sum())
         kth = np.sort(competitors)[::-1][K - 1]
-        ranks[row["id"]] = (rank, float(scores[positive]), abs(float(scores[positive]) - kth))
+        group_above = sum(scores[row_of[t]] > scores[positive] for t in same_group if t in row_of and t != row["query"])
+        ranks[row["id"]] = (rank, float(scores[positive]), abs(float(scores[positive]) - kth), group_above)
     return ranks
 
 
@@ -105,8 +133,10 @@ def test_filter_keeps_exactly_the_pairs_ranked_within_k(filtered):
     ranks = _brute_force_ranks(filtered.cfg, filtered.rows)
     decided = {i: v for i, v in ranks.items() if v[2] > 1e-4}   # leave out float near-ties at the k-th place
     assert len(decided) >= 30
-    expected = {i for i, (rank, _, _) in decided.items() if rank <= K}
+    expected = {i for i, (rank, _, _, _) in decided.items() if rank <= K}
     assert 0 < len(expected) < len(decided)                     # the case has both outcomes
+    # translations outrank the positive in some kept pairs: counting them would give other ranks
+    assert any(decided[i][3] for i in expected)
     assert {i for i in kept if i in decided} == expected
     for pair_id in expected:
         assert kept[pair_id]["positive_rank"] == decided[pair_id][0]
@@ -130,6 +160,21 @@ def test_filter_quarantines_the_rest_with_reasons_and_loses_nothing(filtered):
     assert kept_ids.isdisjoint(quarantined) and len(kept_ids) + len(quarantined) == len(filtered.rows)
 
 
+def test_pool_records_the_groups_of_every_text(filtered):
+    store = VectorStore(filtered.cfg.pool_dir())
+    recorded = {r["text"]: r["groups"] for s in store.shards() for r in store.read_rows(s.name).to_pylist()}
+    expected: dict[str, set[str]] = {}
+    for group, texts in _group_texts(filtered.rows).items():
+        for text in texts:
+            expected.setdefault(text, set()).add(group)
+    for text, groups in recorded.items():                   # hard negatives and invalid pairs' texts: none
+        assert groups == sorted(expected.get(text, ())), text
+    english, russian = read_ntrex("en"), read_ntrex("ru")
+    assert recorded[russian[1]] == ["ntrex:1"]              # also the French pair's hard negative: no extra group
+    assert recorded[english[3]] == ["ntrex:3"]              # in the pool as a hard negative, grouped as a query
+    assert sum(bool(g) for g in recorded.values()) == 37    # the 36 positives and that query
+
+
 def test_filter_rerun_resumes_from_committed_shards(filtered):
     assert filtered.summary.shards == 3 and filtered.summary.resumed_shards == 1
     assert filtered.first not in filtered.resumed and len(filtered.resumed) == 2
@@ -147,6 +192,14 @@ def mined(filtered, tmp_path_factory):
     rerun = run_mine(cfg)
     rows = _read(ShardWriter(cfg.output_dir, stage="mine", schema=TRAINING_SCHEMA).data_files())
     return SimpleNamespace(cfg=cfg, summary=summary, rerun=rerun, rows=rows)
+
+
+def test_mine_never_returns_a_text_of_the_pairs_group(filtered, mined):
+    group_texts = _group_texts(filtered.rows)
+    for row in mined.rows:
+        assert row["group"] == next(r["group"] for r in filtered.rows if r["id"] == row["id"])
+        assert not set(row["negatives"]) & group_texts[row["group"]]
+    assert mined.summary.extra["dropped_same_group"] > 0     # translations did reach the rank window
 
 
 def test_mine_never_returns_the_positive_nor_a_candidate_over_the_ratio(filtered, mined):

@@ -1,14 +1,18 @@
 """Ranking consistency on constructed vectors: the rank from a top-k search equals the brute-force
-rank, filtering keeps exactly the pairs ranked within k, and unusable pairs are named."""
+rank, filtering keeps exactly the pairs ranked within k, texts of the pair's translation group are
+not competitors, and unusable pairs are named."""
 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
+from babelforge.errors import ConfigError
+from babelforge.filter.pool import POOL_FORMAT, POOL_ROW_SCHEMA, PoolGroups, open_pool, text_keys
 from babelforge.filter.ranking import BEYOND_K, pair_problem, positive_ranks, scores_of_rows
-from babelforge.filter.teacher import without_rows
-from babelforge.index import IndexConfig, VectorIndex
+from babelforge.filter.teacher import BatchSearch, without_results
+from babelforge.index import IndexConfig, VectorIndex, VectorStore
 
 
 def _ranked_case() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -71,9 +75,59 @@ def test_search_score_of_a_returned_positive_is_used():
 def test_the_query_own_pool_row_is_removed_from_results():
     rows = np.array([[4, 1, 2, 3], [1, 2, 3, 5]])
     scores = np.array([[0.9, 0.8, 0.7, 0.6], [0.5, 0.4, 0.3, 0.2]], dtype=np.float32)
-    kept_rows, kept_scores = without_rows(rows, scores, np.array([4, -1]), depth=3)
+    kept_rows, kept_scores = without_results(rows == np.array([[4], [-1]]), 3, rows, scores)
     assert kept_rows.tolist() == [[1, 2, 3], [1, 2, 3]]
     np.testing.assert_allclose(kept_scores, [[0.8, 0.7, 0.6], [0.5, 0.4, 0.3]])
+
+
+def _pool_store(tmp_path, groups: list[list[str]], shard_rows: int) -> VectorStore:
+    store = VectorStore(str(tmp_path / "pool"))
+    for number, start in enumerate(range(0, len(groups), shard_rows)):
+        part = groups[start:start + shard_rows]
+        texts = [f"text {start + i}" for i in range(len(part))]
+        rows = pa.table({"text_key": text_keys(texts), "text": texts, "groups": part}, schema=POOL_ROW_SCHEMA)
+        store.write_shard(f"pool-{number:05d}", np.eye(len(groups), dtype=np.float32)[start:start + len(part)], rows)
+    return store
+
+
+def test_pool_groups_give_the_global_rows_of_a_group(tmp_path):
+    groups = [["g1"], [], ["g1", "g2"], ["g2"], ["g1"], []]     # a text may be in several groups
+    members = PoolGroups(_pool_store(tmp_path, groups, shard_rows=4)).members(["g1", None, "g2", "unknown"])
+    assert [m.tolist() for m in members] == [[0, 2, 4], [], [2, 3], []]
+
+
+def test_a_pool_without_groups_is_refused(tmp_path):
+    store = _pool_store(tmp_path, [[]], shard_rows=1)
+    store.write_metadata({"complete": True})                 # written before pools had a format
+    with pytest.raises(ConfigError, match="without translation groups"):
+        open_pool(store.uri)
+    store.write_metadata({"complete": True, "format": POOL_FORMAT})
+    assert open_pool(store.uri)[1]["format"] == POOL_FORMAT
+
+
+def test_a_same_group_text_outranking_the_positive_is_not_counted(tmp_path):
+    """Pool: 0 = the positive (German), 1 = the French translation of the query, 2 = the query's own
+    English text (another pair's positive), 3..7 = unrelated. Scores: query 0.95, translation 0.9,
+    positive 0.8, one unrelated text 0.85, the rest lower."""
+    groups = [["ntrex:7"], ["ntrex:7"], ["ntrex:7"], [], [], [], ["ntrex:3"], []]
+    store = _pool_store(tmp_path, groups, shard_rows=3)
+    query = np.array([[0.8, 0.9, 0.95, 0.85, 0.1, 0.2, 0.3, 0.05]], dtype=np.float32)
+    pool = np.eye(8, dtype=np.float32)
+    k = 3
+    search = BatchSearch(pa.table({"id": ["p"]}), [None], [None])
+    search.positive_rows = np.array([0])
+    search.group_rows = PoolGroups(store).members(["ntrex:7"])
+    result = VectorIndex(pool).search(query, k + 1 + len(search.group_rows[0]))
+    same_group = search.in_group(result.indices)
+    assert result.indices[0, :4].tolist() == [2, 1, 3, 0]
+    assert same_group.tolist() == [[True, True, False, False, False, False, False]]     # never the positive
+    excluded = (result.indices == 2) | same_group                                      # and the query's own row
+    rows, scores = without_results(excluded, k, result.indices, result.scores)
+    assert rows.tolist() == [[3, 0, 6]]
+    positive_score = scores_of_rows(rows, scores, np.array([0]), np.array([0.8]))
+    assert positive_ranks(rows, scores, np.array([0]), positive_score, k).tolist() == [2]   # only row 3 beats it
+    plain_rows, plain_scores = without_results(result.indices == 2, k, result.indices, result.scores)
+    assert positive_ranks(plain_rows, plain_scores, np.array([0]), positive_score, k).tolist() == [3]
 
 
 @pytest.mark.parametrize("query, positive, reason", [

@@ -1,5 +1,6 @@
-"""Negative selection: never the positive (by row or by text), never over ratio * positive score,
-only from the rank window, the source's hard negative first unless it fails the guard."""
+"""Negative selection: never the positive (by row or by text), never a text of the pair's translation
+group, never over ratio * positive score, only from the rank window, the source's hard negative
+first unless it fails the guard."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ POSITIVE = Positive(row=0, score=0.8, text="The cat sat on the mat.")
 
 
 def _ranked(texts: list[str], scores: list[float], rows: list[int] | None = None,
-            similarity: list[float] | None = None) -> Candidates:
+            similarity: list[float] | None = None, same_group: list[bool] | None = None) -> Candidates:
     return Candidates(rows=np.array(rows if rows is not None else range(1, len(texts) + 1)),
                       scores=np.array(scores, dtype=np.float32), texts=texts,
-                      positive_similarity=None if similarity is None else np.array(similarity, dtype=np.float32))
+                      positive_similarity=None if similarity is None else np.array(similarity, dtype=np.float32),
+                      same_group=None if same_group is None else np.array(same_group))
 
 
 def _random_case(seed: int) -> tuple[Candidates, Positive]:
@@ -53,6 +55,39 @@ def test_never_the_positive_never_over_the_ratio_always_in_the_window(seed, stra
     assert len(choice.negatives) == min(5, len(eligible))
     if strategy == "top":
         assert choice.negatives == eligible[:5]
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("strategy", ["random", "top"])
+def test_never_a_text_of_the_pairs_translation_group(seed, strategy):
+    """Translations of the query's sentence score anywhere, also well under the guard: only the
+    group mask keeps them out, from the window and from the padding alike."""
+    rng = np.random.default_rng(100 + seed)
+    candidates, positive = _random_case(seed)
+    candidates.same_group = rng.random(40) < 0.3
+    fallback = _ranked([f"pad {i}" for i in range(20)], rng.uniform(0.0, 0.2, 20).tolist(),
+                       rows=list(range(2000, 2020)), same_group=(rng.random(20) < 0.5).tolist())
+    settings = NegativeSettings(num_negatives=30, min_rank=1, max_rank=40, ratio=1.0, strategy=strategy)
+    choice = select_negatives(candidates, positive, settings, query="a query", pair_id=f"pair-{seed}",
+                              fallback=fallback)
+    in_group = ({t for t, g in zip(candidates.texts, candidates.same_group) if g}
+                | {t for t, g in zip(fallback.texts, fallback.same_group) if g})
+    assert choice.negatives and not set(choice.negatives) & in_group
+    assert choice.padded > 0                                  # the padding was used, without group texts
+    positive_rows = int((candidates.rows == positive.row).sum())
+    grouped = int(candidates.same_group.sum() - candidates.same_group[candidates.rows == positive.row].sum())
+    assert choice.dropped["same_group"] == grouped + int(fallback.same_group.sum())
+    assert choice.dropped["positive"] == positive_rows
+
+
+def test_a_same_group_hard_negative_is_not_used():
+    candidates = _ranked(["a", "b", "c"], [0.5, 0.4, 0.3], same_group=[False, True, False])
+    settings = NegativeSettings(num_negatives=2, min_rank=1, max_rank=3, strategy="top")
+    translation = HardNegative("Le chat était assis sur le tapis.", score=0.3, positive_similarity=0.5,
+                               same_group=True)
+    choice = select_negatives(candidates, POSITIVE, settings, query="q", pair_id="p", hard_negative=translation)
+    assert choice.negatives == ["a", "c"] and not choice.hard_negative_used
+    assert choice.dropped == {"same_group": 2}
 
 
 def test_guard_drops_candidates_scoring_above_ratio_times_positive():

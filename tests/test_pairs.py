@@ -1,5 +1,5 @@
 """Pair building: bitext never includes evaluation sentences; synthetic rows keep their fields and
-get the positive's language for bitext."""
+get the positive's language for bitext; translation groups join exactly the pairs of one sentence."""
 
 from __future__ import annotations
 
@@ -51,6 +51,33 @@ def test_tatoeba_pairs_exclude_the_lines_eval_queries():
     assert tatoeba_pairs(["sw"], eval_queries=None).num_rows == 0   # everything held out
 
 
+def test_ntrex_pairs_of_one_line_share_its_group_in_every_language_pair():
+    table = ntrex_pairs(["en-de", "fr-en", "ru-zh"], max_pairs=30)
+    rows = table.to_pylist()
+    assert all(r["group"] == f"ntrex:{_line(r['id'])}" for r in rows)
+    by_group: dict[str, list[dict]] = {}
+    for r in rows:
+        by_group.setdefault(r["group"], []).append(r)
+    assert len(by_group) == 30 and all(len(members) == 3 for members in by_group.values())
+    for members in by_group.values():                    # one sentence: the same line in every language
+        line = _line(members[0]["id"])
+        texts = {t for r in members for t in (r["query"], r["positive"])}
+        assert texts == {read_ntrex(lang)[line] for lang in ("en", "de", "fr", "ru", "zh")}
+
+
+def test_tatoeba_groups_are_per_language_file_and_line():
+    table = tatoeba_pairs(["sw", "de"], direction="both", max_pairs=20)
+    rows = table.to_pylist()
+    foreign = {r["query_lang"] if r["query_lang"] != "en" else r["positive_lang"] for r in rows}
+    assert foreign == {"sw", "de"}
+    for r in rows:
+        lang = r["query_lang"] if r["query_lang"] != "en" else r["positive_lang"]
+        assert r["group"] == f"tatoeba:{lang}:{_line(r['id'])}"
+    to_en = {r["group"]: (r["query"], r["positive"]) for r in rows if r["positive_lang"] == "en"}
+    from_en = {r["group"]: (r["positive"], r["query"]) for r in rows if r["query_lang"] == "en"}
+    assert to_en == from_en                               # both directions of a line: one group, same texts
+
+
 def test_synthetic_rows_become_pairs_with_languages():
     table = pa.table({
         "id": ["a", "b", "c", "d"], "query": ["q1", "Wie geht es dir heute, mein lieber Freund?", "q3", "q4"],
@@ -63,6 +90,7 @@ def test_synthetic_rows_become_pairs_with_languages():
                                                                       ("sw", "en")]
     assert pairs[0]["hard_negative"] == "n1" and pairs[0]["instruction"] == "find answers"
     assert {p["source"] for p in pairs} == {"synthetic"}
+    assert {p["group"] for p in pairs} == {None}          # a shared seed passage is not shared content
 
 
 def test_parquet_sources_stream_and_keep_incomplete_rows(tmp_path):
@@ -76,7 +104,11 @@ def test_parquet_sources_stream_and_keep_incomplete_rows(tmp_path):
     assert tables[0].column("query").to_pylist() == ["q", None]   # the filter stage quarantines it
     pq.write_table(pa.table({"id": ["z"], "query": ["q"], "positive": ["p"]}), tmp_path / "pairs.parquet")
     (pairs,) = iter_pair_tables(PairFiles(pairs=str(tmp_path / "pairs.parquet")))
-    assert pairs.to_pylist()[0]["task"] is None and pairs.num_rows == 1
+    assert pairs.to_pylist()[0]["task"] is None and pairs.to_pylist()[0]["group"] is None and pairs.num_rows == 1
+    pq.write_table(pa.table({"id": ["g"], "query": ["q"], "positive": ["p"], "group": ["line-7"]}),
+                   tmp_path / "grouped.parquet")
+    (grouped,) = iter_pair_tables(PairFiles(pairs=str(tmp_path / "grouped.parquet")))
+    assert grouped.column("group").to_pylist() == ["line-7"]
 
 
 def test_source_config_validates_language_pairs():

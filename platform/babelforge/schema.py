@@ -10,6 +10,14 @@ consumes and names the missing or mistyped column when it does not match.
   (synthetic examples and real bitext both become pairs).
 - ``TRAINING_SCHEMA``: training-ready rows (output of ``mine``, input of ``train``).
 - ``QUARANTINE_SCHEMA``: a rejected record, the stage that rejected it and why.
+
+**Translation groups.** ``PAIR_SCHEMA`` and ``TRAINING_SCHEMA`` carry an optional ``group``: texts
+sharing a group express the same content (e.g. all translations of one NTREX line,
+``"ntrex:<line>"``), so none of them may be a negative for another. A pair's group covers its
+query and its positive. Filtering does not count the other texts of the pair's group as
+competitors of the positive, and mining never picks them as negatives; this is exact knowledge
+from the data, where text equality and the score-ratio guard only approximate it. Null means
+"no known alternatives" (synthetic pairs, see :mod:`babelforge.data.pairs`).
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ PAIR_SCHEMA = pa.schema([
     pa.field("task", pa.string()),
     pa.field("instruction", pa.string()),
     pa.field("source", pa.string()),         # "synthetic", "ntrex", "tatoeba", ...
+    pa.field("group", pa.string()),          # translation group: texts sharing it are never negatives for each other
 ])
 
 TRAINING_SCHEMA = pa.schema([
@@ -69,6 +78,7 @@ TRAINING_SCHEMA = pa.schema([
     pa.field("task", pa.string()),
     pa.field("instruction", pa.string()),
     pa.field("source", pa.string()),
+    pa.field("group", pa.string()),          # translation group of the pair (see the module docstring)
     pa.field("positive_rank", pa.int32()),   # teacher rank of the positive (1 = top), from filtering
     pa.field("positive_score", pa.float32()),
 ])

@@ -26,6 +26,20 @@ sentence in English, retrieve its translation in German"::
     ['ntrex-en-de-0003', 'ntrex-en-de-1450']
     >>> table.column("instruction")[0].as_py()
     'Given a sentence in English, retrieve its translation in German'
+
+**Translation groups** (the ``group`` column, see :mod:`babelforge.schema`): texts of one group
+say the same thing, so filtering does not rank them against each other and mining never makes
+one a negative for another.
+
+- NTREX is multi-parallel: line ``i`` of every language is the same sentence, so every pair of
+  line ``i`` (any language pair, either direction) has group ``"ntrex:<i>"``.
+- Tatoeba: group ``"tatoeba:<lang>:<i>"``. Each language file is aligned with its own English
+  file, so the same English sentence in two language files may get two groups (the groups are
+  then incomplete, never wrong).
+- Synthetic pairs: null. Examples generated from the same seed passage share a topic, not their
+  content (and the LLM's hard negative is deliberately close to the seed), so the seed id would
+  wrongly forbid the negatives synthesis aims for.
+- ``pairs:`` parquet: the file's own ``group`` column, null where it has none.
 """
 
 from __future__ import annotations
@@ -152,12 +166,13 @@ def synthetic_to_pairs(table: pa.Table) -> pa.Table:
         "id": table.column("id"), "query": table.column("query"), "positive": table.column("positive"),
         "hard_negative": _column(table, "hard_negative"), "query_lang": query_langs, "positive_lang": positive_langs,
         "task": tasks, "instruction": _column(table, "instruction"),
-        "source": ["synthetic"] * table.num_rows,
+        "source": ["synthetic"] * table.num_rows, "group": pa.nulls(table.num_rows, pa.string()),
     }, schema=PAIRS_INPUT_SCHEMA)
 
 
 def _bitext_table(source: str, query_lang: str, positive_lang: str, lines: Sequence[int], queries: Sequence[str],
-                  positives: Sequence[str]) -> pa.Table:
+                  positives: Sequence[str], group_prefix: str) -> pa.Table:
+    """Pairs ``queries[i] -> positives[i]`` for ``i`` in ``lines``, in group ``<group_prefix><i>``."""
     instruction = BITEXT_INSTRUCTION.format(query_language=LANGUAGE_NAMES[query_lang],
                                             positive_language=LANGUAGE_NAMES[positive_lang])
     n = len(lines)
@@ -166,7 +181,7 @@ def _bitext_table(source: str, query_lang: str, positive_lang: str, lines: Seque
         "query": [queries[i] for i in lines], "positive": [positives[i] for i in lines],
         "hard_negative": pa.nulls(n, pa.string()), "query_lang": [query_lang] * n,
         "positive_lang": [positive_lang] * n, "task": ["bitext"] * n, "instruction": [instruction] * n,
-        "source": [source] * n,
+        "source": [source] * n, "group": [f"{group_prefix}{i}" for i in lines],
     }, schema=PAIRS_INPUT_SCHEMA)
 
 
@@ -178,14 +193,15 @@ def _sample_lines(lines: Sequence[int], max_pairs: int | None, seed: int) -> lis
 
 def ntrex_pairs(lang_pairs: Sequence[str], *, holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION,
                 split_seed: int = DEFAULT_SPLIT_SEED, max_pairs: int | None = None, sample_seed: int = 0) -> pa.Table:
-    """NTREX bitext pairs (``"en-de"``: English query, German positive) from the train lines only."""
+    """NTREX bitext pairs (``"en-de"``: English query, German positive) from the train lines only; the
+    pairs of line ``i`` (in every language pair) share the group ``"ntrex:<i>"``."""
     train_lines = split_ntrex_lines(holdout_fraction, split_seed).train_lines
     lines = _sample_lines(train_lines, max_pairs, sample_seed)
     tables = []
     for pair in lang_pairs:
         query_lang, positive_lang = _language_pair(pair, list(NTREX_FILES), "NTREX").split("-")
         tables.append(_bitext_table("ntrex", query_lang, positive_lang, lines, read_ntrex(query_lang),
-                                    read_ntrex(positive_lang)))
+                                    read_ntrex(positive_lang), group_prefix="ntrex:"))
     return pa.concat_tables(tables)
 
 
@@ -202,7 +218,8 @@ def tatoeba_eval_lines(n_lines: int, eval_queries: int | None, eval_seed: int) -
 def tatoeba_pairs(langs: Sequence[str], *, direction: Literal["to-en", "from-en", "both"] = "both",
                   eval_queries: int | None = 200, eval_seed: int = 0, max_pairs: int | None = None,
                   sample_seed: int = 0) -> pa.Table:
-    """Tatoeba bitext pairs of ``lang``-English, without the lines evaluation queries."""
+    """Tatoeba bitext pairs of ``lang``-English, without the lines evaluation queries; both directions
+    of line ``i`` of ``lang`` share the group ``"tatoeba:<lang>:<i>"``."""
     tables = []
     for lang in langs:
         foreign_path, english_path = tatoeba_files(lang)
@@ -211,10 +228,11 @@ def tatoeba_pairs(langs: Sequence[str], *, direction: Literal["to-en", "from-en"
             raise DataFormatError(f"{english_path}: {len(english)} lines, but {foreign_path} has {len(foreign)}")
         held_out = tatoeba_eval_lines(len(foreign), eval_queries, eval_seed)
         lines = _sample_lines([i for i in range(len(foreign)) if i not in held_out], max_pairs, sample_seed)
+        group_prefix = f"tatoeba:{lang}:"
         if direction in ("to-en", "both"):
-            tables.append(_bitext_table("tatoeba", lang, "en", lines, foreign, english))
+            tables.append(_bitext_table("tatoeba", lang, "en", lines, foreign, english, group_prefix))
         if direction in ("from-en", "both"):
-            tables.append(_bitext_table("tatoeba", "en", lang, lines, english, foreign))
+            tables.append(_bitext_table("tatoeba", "en", lang, lines, english, foreign, group_prefix))
     return pa.concat_tables(tables) if tables else PAIRS_INPUT_SCHEMA.empty_table()
 
 

@@ -3,7 +3,9 @@
 The *rank* of a positive is 1 + the number of other pool texts whose score for the query is
 strictly higher than the positive's (ties are resolved in the positive's favour; the pool holds
 each text once, so the positive has no exact copy competing with it). The pool copy of the query
-text itself is not a competitor: the caller removes it from the results first. A top-``k`` search decides
+text itself and the other texts of the pair's translation group (alternative correct answers,
+see :mod:`babelforge.schema`) are not competitors: the caller removes them from the results
+first (:func:`babelforge.filter.teacher.without_results`). A top-``k`` search decides
 every rank up to ``k`` exactly: if fewer than ``k`` returned texts beat the positive, some returned
 text scores no higher than the positive, so no text outside the results beats it either.
 

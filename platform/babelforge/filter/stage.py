@@ -12,10 +12,13 @@ recorded. :func:`run_filter` (resumable: rerunning skips every committed piece):
 3. streams the pending pair shards through :class:`FilterActor` actors (teacher + pool index per
    actor) into a :class:`~babelforge.data.shards.ShardWriter`.
 
-Output ``<output_dir>/data/<shard>.parquet``: :data:`FILTERED_PAIR_SCHEMA` (``PAIR_SCHEMA`` plus
-``positive_rank``, 1 = best, and ``positive_score``). Quarantine reasons: ``positive_not_in_top_k``
-(detail: the positive's score and the k-th result's), ``missing_field``, ``empty_text``,
-``query_equals_positive``, ``positive_not_in_pool``. Rank rule: see :mod:`babelforge.filter.ranking`.
+Output ``<output_dir>/data/<shard>.parquet``: :data:`FILTERED_PAIR_SCHEMA` (``PAIR_SCHEMA``, with
+its translation ``group``, plus ``positive_rank``, 1 = best, and ``positive_score``). Quarantine
+reasons: ``positive_not_in_top_k`` (detail: the positive's score and the k-th result's),
+``missing_field``, ``empty_text``, ``query_equals_positive``, ``positive_not_in_pool``. Rank rule:
+see :mod:`babelforge.filter.ranking`; the query's own pool text and the other texts of the pair's
+translation group are not competitors, so ``positive_rank`` is the rank among the texts that are
+not alternative correct answers.
 
     >>> cfg = load_config("jobs/configs/filter.yaml", FilterConfig)          # doctest: +SKIP
     >>> print(format_report(run_filter(cfg)))                                  # doctest: +SKIP
@@ -52,14 +55,18 @@ __all__ = ["run_filter", "format_report", "FilterActor", "FILTERED_PAIR_SCHEMA",
 
 STAGE = "filter"
 FILTERED_PAIR_SCHEMA = pa.schema([
-    *PAIR_SCHEMA,
+    *PAIR_SCHEMA,                                              # including the translation `group`
     pa.field("positive_rank", pa.int32(), nullable=False),     # teacher rank of the positive in the pool (1 = top)
     pa.field("positive_score", pa.float32(), nullable=False),  # teacher score of (query, positive)
 ])
 
 
 class FilterActor(PoolSearchActor):
-    """Keeps pairs whose positive ranks within the top ``k``; quarantines the others."""
+    """Keeps pairs whose positive ranks within the top ``k``; quarantines the others. The other texts
+    of the pair's translation group are alternative correct answers, not competitors: they are
+    removed from the results before ranking."""
+
+    exclude_same_group = True
 
     def __init__(self, *, k: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)

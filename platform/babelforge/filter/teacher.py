@@ -10,9 +10,14 @@ A :class:`PoolSearchActor` loads the teacher :class:`~babelforge.models.Embedder
 queries, searches the pool and scores the positives; the stage subclass turns that into output
 rows (or quarantine rows). A pool text identical to the query (with bitext in both directions,
 the query is another pair's positive) is removed from the query's results: it would trivially
-rank first. The actor pool follows :func:`babelforge.encoding.plan_actors`: one actor per GPU
-(the model and, when faiss has GPU support, a faiss GPU index on that GPU), otherwise CPU actors
-that leave a core free for Ray Data's own tasks.
+rank first. Pool texts sharing the pair's translation group (:mod:`babelforge.schema`), other
+than the positive, are marked in ``BatchSearch.same_group`` (mining drops them as a selection
+rule); with ``PoolSearchActor.exclude_same_group`` (filtering) they are removed from the results
+like the query's own text, and the search reaches deeper by the largest group in the batch so the
+first ``search_depth`` remaining results are still the true top ones. The actor pool follows
+:func:`babelforge.encoding.plan_actors`: one actor per GPU (the model and, when faiss has GPU
+support, a faiss GPU index on that GPU), otherwise CPU actors that leave a core free for Ray
+Data's own tasks.
 
 :func:`stream_into_shards` routes each result row to the sink of the shard it came from and
 commits a shard as soon as all its rows are in, so a crash loses only unfinished shards and a
@@ -38,7 +43,7 @@ from babelforge.filter.ranking import pair_problem, scores_of_rows
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PoolSearchActor", "BatchSearch", "stream_into_shards", "search_pipeline", "without_rows", "STAT_PREFIX",
+__all__ = ["PoolSearchActor", "BatchSearch", "stream_into_shards", "search_pipeline", "without_results", "STAT_PREFIX",
            "PATH_COLUMN", "ShardHook", "read_shards", "shard_name"]
 
 STAT_PREFIX = "_stat_"
@@ -54,7 +59,9 @@ def shard_name(path: str) -> str:
 
 class BatchSearch:
     """One batch's pairs after teacher search. ``valid`` indexes the rows that were searched; the
-    arrays below have one entry per valid row (``rows`` / ``scores``: search results, best first)."""
+    arrays below have one entry per valid row (``rows`` / ``scores``: search results, best first;
+    ``same_group``: whether a result shares the pair's translation group and is not its positive;
+    ``group_rows``: the pool rows of the pair's translation group)."""
 
     def __init__(self, table: pa.Table, reasons: list[str | None], details: list[str | None]) -> None:
         self.table = table
@@ -64,8 +71,16 @@ class BatchSearch:
         self.queries = np.zeros((0, 0), dtype=np.float32)
         self.rows = np.zeros((0, 0), dtype=np.int64)
         self.scores = np.zeros((0, 0), dtype=np.float32)
+        self.same_group = np.zeros((0, 0), dtype=bool)
         self.positive_rows = np.zeros(0, dtype=np.int64)
         self.positive_scores = np.zeros(0, dtype=np.float32)
+        self.group_rows: list[np.ndarray] = []
+
+    def in_group(self, rows: np.ndarray) -> np.ndarray:
+        """Whether each of ``rows`` (``[valid rows, n]``) shares its pair's translation group, the
+        positive's own row excepted."""
+        members = np.stack([np.isin(r, group) for r, group in zip(rows, self.group_rows)])
+        return members & (rows != self.positive_rows[:, None])
 
     def reject(self, row: int, reason: str, detail: str) -> None:
         self.reasons[row], self.details[row] = reason, detail
@@ -93,7 +108,8 @@ class BatchSearch:
 
 class PoolSearchActor:
     """Ray Data callable class: teacher + pool index, loaded once per actor. Subclasses define
-    :attr:`search_depth` and :meth:`finish` (the stage's output for a searched batch)."""
+    :attr:`search_depth`, :attr:`exclude_same_group` and :meth:`finish` (the stage's output for a
+    searched batch)."""
 
     def __init__(self, model_path: str, pool_dir: str, index: dict[str, Any], teacher: dict[str, Any],
                  device: str = "cpu", torch_threads: int | None = None, rows_per_call: int = 512,
@@ -101,7 +117,7 @@ class PoolSearchActor:
         import faiss
         import torch
 
-        from babelforge.filter.pool import PoolLookup, PoolTexts
+        from babelforge.filter.pool import PoolGroups, PoolLookup, PoolTexts
         from babelforge.index import IndexConfig, ShardedIndex, VectorStore
         from babelforge.models import Embedder
 
@@ -116,10 +132,12 @@ class PoolSearchActor:
         index_config = IndexConfig(**index)
         self.index = ShardedIndex(store, index_config)
         self.lookup = PoolLookup(store)
+        self.groups = PoolGroups(store)
         self.texts = PoolTexts(store, resident=index_config.resident) if load_texts else None
 
     # ------------------------------------------------------------------------------ for subclasses
     search_depth: int = 1
+    exclude_same_group: bool = False   # remove the pair's other group texts from the results
 
     def finish(self, search: BatchSearch) -> pa.Table:
         raise NotImplementedError
@@ -168,20 +186,29 @@ class PoolSearchActor:
             search.queries = self.encode_queries([queries[i] for i in valid], [tasks[i] for i in valid],
                                                  [instructions[i] for i in valid])
             query_rows = self.lookup.rows_of([queries[i] for i in valid])
-            result = self.index.search(search.queries, self.search_depth + 1)
-            search.rows, search.scores = without_rows(result.indices, result.scores, query_rows, self.search_depth)
             search.positive_rows = positive_rows[search.valid]
+            groups = table.column("group").to_pylist()
+            search.group_rows = self.groups.members([groups[i] for i in valid])
+            # one more for the query's own row, and (if removed) each group's texts
+            extra = 1 + (max(len(m) for m in search.group_rows) if self.exclude_same_group else 0)
+            result = self.index.search(search.queries, self.search_depth + extra)
+            same_group = search.in_group(result.indices)
+            excluded = result.indices == query_rows[:, None]
+            if self.exclude_same_group:
+                excluded |= same_group
+            search.rows, search.scores, search.same_group = without_results(
+                excluded, self.search_depth, result.indices, result.scores, same_group)
             direct = np.einsum("ij,ij->i", search.queries, self.index.vectors(search.positive_rows))
             search.positive_scores = scores_of_rows(search.rows, search.scores, search.positive_rows, direct)
         return self.finish(search)
 
 
-def without_rows(rows: np.ndarray, scores: np.ndarray, excluded: np.ndarray,
-                 depth: int) -> tuple[np.ndarray, np.ndarray]:
-    """Search results without each query's ``excluded[i]`` row (e.g. the pool copy of the query
-    itself), cut to ``depth`` columns; order is kept."""
-    order = np.argsort(rows == excluded[:, None], axis=1, kind="stable")[:, :depth]
-    return np.take_along_axis(rows, order, axis=1), np.take_along_axis(scores, order, axis=1)
+def without_results(excluded: np.ndarray, depth: int, *columns: np.ndarray) -> list[np.ndarray]:
+    """Per query, ``columns`` (search results and anything aligned with them) without the results
+    marked in ``excluded`` (e.g. the pool copy of the query itself), cut to ``depth`` columns; order
+    is kept. The search must return at least ``depth`` + (excluded results) columns."""
+    order = np.argsort(excluded, axis=1, kind="stable")[:, :depth]
+    return [np.take_along_axis(column, order, axis=1) for column in columns]
 
 
 def read_shards(batch: pa.Table) -> pa.Table:

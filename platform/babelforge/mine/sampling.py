@@ -1,16 +1,19 @@
 """Hard-negative selection for one query, the pure part of mining (no Ray, no model).
 
-Input: the teacher's ranked search results for the query (pool rows, scores, texts, best first),
-the positive (pool row, score, text) and optionally the source's own hard negative. Rules, in order:
+Input: the teacher's ranked search results for the query (pool rows, scores, texts, best first;
+whether each shares the pair's translation group), the positive (pool row, score, text) and
+optionally the source's own hard negative. Rules, in order:
 
 1. **Rank window**: a result at (1-based) position ``r`` of the teacher's ranking is a candidate
-   only if ``min_rank <= r <= max_rank``. Positions count every pool text, the positive included,
-   so with the positive ranked first, ``min_rank=2`` starts at the best non-positive text.
-2. **Not the positive**: a candidate is dropped if it is the positive's pool row, if its
-   normalised text (NFKC, case-folded, whitespace collapsed) equals the positive's, or, with
-   ``near_duplicate_score`` set, if its embedding's similarity to the positive's is at least that.
-   Candidates whose normalised text equals the query's or repeats an already chosen negative are
-   dropped too.
+   only if ``min_rank <= r <= max_rank``. Positions count every pool text, the positive and the
+   texts of the pair's group included, so with the positive ranked first, ``min_rank=2`` starts
+   at the best non-positive text.
+2. **Not the positive**: a candidate is dropped if it is the positive's pool row, if it shares
+   the pair's translation group (``same_group``: another correct answer, e.g. a translation of
+   the query into a third language; see :mod:`babelforge.schema`), if its normalised text (NFKC,
+   case-folded, whitespace collapsed) equals the positive's, or, with ``near_duplicate_score``
+   set, if its embedding's similarity to the positive's is at least that. Candidates whose
+   normalised text equals the query's or repeats an already chosen negative are dropped too.
 3. **False-negative guard**: a candidate scoring above ``ratio * positive_score`` is dropped (a
    text the teacher scores nearly as high as the positive is likely another positive). For a
    non-positive positive score the threshold is the positive score itself.
@@ -49,7 +52,7 @@ __all__ = ["NegativeSettings", "Candidates", "Positive", "HardNegative", "Negati
            "normalize_for_match", "guard_threshold", "pair_rng", "DROP_REASONS"]
 
 # Why candidates were not used (counted per pair, summed in the stage statistics).
-DROP_REASONS = ("positive", "same_text_as_positive", "near_duplicate_of_positive", "same_text_as_query",
+DROP_REASONS = ("positive", "same_group", "same_text_as_positive", "near_duplicate_of_positive", "same_text_as_query",
                 "repeated_text", "over_ratio")
 
 _SPACES = re.compile(r"\s+")
@@ -79,13 +82,15 @@ class Candidates:
     """Pool texts in rank order (position 0 = rank 1). Rows ``< 0`` are padding and ignored.
 
     ``positive_similarity[j]``: similarity of candidate ``j``'s embedding to the positive's (only
-    needed for the near-duplicate rule).
+    needed for the near-duplicate rule). ``same_group[j]``: candidate ``j`` shares the pair's
+    translation group (None: no candidate does).
     """
 
     rows: np.ndarray
     scores: np.ndarray
     texts: Sequence[str | None]
     positive_similarity: np.ndarray | None = None
+    same_group: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -97,11 +102,13 @@ class Positive:
 
 @dataclass(frozen=True)
 class HardNegative:
-    """The source's own hard negative with the teacher's score for the query and similarity to the positive."""
+    """The source's own hard negative with the teacher's score for the query, similarity to the
+    positive and whether it shares the pair's translation group."""
 
     text: str
     score: float
     positive_similarity: float | None = None
+    same_group: bool = False
 
 
 @dataclass
@@ -140,9 +147,12 @@ class _Rules:
         self.chosen_keys: set[str] = set()
         self.dropped = dropped
 
-    def reason(self, row: int | None, text: str | None, score: float, positive_similarity: float | None) -> str | None:
+    def reason(self, row: int | None, text: str | None, score: float, positive_similarity: float | None,
+               same_group: bool) -> str | None:
         if row is not None and row == self.positive.row:
             return "positive"
+        if same_group:
+            return "same_group"
         key = normalize_for_match(text or "")
         if key == self.positive_key:
             return "same_text_as_positive"
@@ -157,8 +167,9 @@ class _Rules:
             return "over_ratio"
         return None
 
-    def admit(self, row: int | None, text: str | None, score: float, positive_similarity: float | None) -> bool:
-        reason = self.reason(row, text, score, positive_similarity)
+    def admit(self, row: int | None, text: str | None, score: float, positive_similarity: float | None,
+              same_group: bool) -> bool:
+        reason = self.reason(row, text, score, positive_similarity, same_group)
         if reason is not None:
             self.dropped[reason] += 1
             return False
@@ -169,14 +180,15 @@ class _Rules:
 
 
 def _eligible(candidates: Candidates, positions: range, rules: _Rules) -> list[int]:
-    similarity = candidates.positive_similarity
+    similarity, same_group = candidates.positive_similarity, candidates.same_group
     eligible = []
     for j in positions:
         row = int(candidates.rows[j])
         if row < 0:
             continue
         if rules.admit(row, candidates.texts[j], float(candidates.scores[j]),
-                       None if similarity is None else float(similarity[j])):
+                       None if similarity is None else float(similarity[j]),
+                       same_group is not None and bool(same_group[j])):
             eligible.append(j)
             rules.take(candidates.texts[j])
     return eligible
@@ -189,7 +201,8 @@ def select_negatives(candidates: Candidates, positive: Positive, settings: Negat
     choice = NegativeChoice(negatives=[])
     rules = _Rules(query, positive, settings, choice.dropped)
     if settings.include_hard_negative and hard_negative is not None:
-        if rules.admit(None, hard_negative.text, hard_negative.score, hard_negative.positive_similarity):
+        if rules.admit(None, hard_negative.text, hard_negative.score, hard_negative.positive_similarity,
+                       hard_negative.same_group):
             choice.negatives.append(hard_negative.text)
             choice.hard_negative_used = True
             rules.take(hard_negative.text)

@@ -4,17 +4,20 @@
 actors (teacher + the same pool index, loaded once per actor; one actor per GPU) into a
 :class:`~babelforge.data.shards.ShardWriter` with stage ``mine``. Per pair the actor searches the
 pool for the top ``negatives.max_rank`` texts and :func:`babelforge.mine.sampling.select_negatives`
-chooses the negatives (rank window, positive exclusion by pool row and by normalised text,
-near-duplicate check, false-negative guard ``score <= ratio * positive_score``, the source's hard
-negative first). Rerunning skips committed shards; a filter run that committed more shards since
-is picked up by the next mine run.
+chooses the negatives (rank window, positive exclusion by pool row, by translation group and by
+normalised text, near-duplicate check, false-negative guard ``score <= ratio * positive_score``,
+the source's hard negative first). Texts sharing the pair's translation group
+(:mod:`babelforge.schema`, e.g. the same NTREX line in a third language) are never negatives:
+neither from the search results, nor as the source's hard negative, nor as ``pad_random``
+padding. Rerunning skips committed shards; a filter run that committed more shards since is
+picked up by the next mine run.
 
 Output ``<output_dir>/data/<shard>.parquet``: ``TRAINING_SCHEMA`` (query, positive, negatives,
-languages, task, instruction, source, ``positive_rank`` from filtering, ``positive_score`` from
-this search). Quarantine reasons: ``too_few_negatives`` (with ``on_shortage: drop`` or
-``pad_random``), plus the pair checks of filtering. Per-shard statistics: ``negatives``,
-``hard_negatives_used``, ``hard_negatives_not_in_pool``, ``padded``, ``short_kept`` and
-``dropped_<reason>`` for each rule that removed candidates.
+languages, task, instruction, source, translation ``group``, ``positive_rank`` from filtering,
+``positive_score`` from this search). Quarantine reasons: ``too_few_negatives`` (with
+``on_shortage: drop`` or ``pad_random``), plus the pair checks of filtering. Per-shard statistics:
+``negatives``, ``hard_negatives_used``, ``hard_negatives_not_in_pool``, ``padded``, ``short_kept``
+and ``dropped_<reason>`` for each rule that removed candidates (e.g. ``dropped_same_group``).
 
     >>> cfg = load_config("jobs/configs/mine.yaml", MineConfig)               # doctest: +SKIP
     >>> print(format_report(run_mine(cfg)))                                     # doctest: +SKIP
@@ -84,23 +87,25 @@ class MineActor(PoolSearchActor):
         rows = self.lookup.rows_of(texts)
         scores = self._scores(search.queries, rows)
         similarity = self._scores(self.index.vectors(search.positive_rows), rows)
-        return [HardNegative(t, float(scores[j]), float(similarity[j])) if rows[j] >= 0 else None
+        same_group = search.in_group(rows[:, None])[:, 0]
+        return [HardNegative(t, float(scores[j]), float(similarity[j]), bool(same_group[j])) if rows[j] >= 0 else None
                 for j, t in enumerate(texts)]
 
     def _fallback(self, search: BatchSearch, ids: list[str]) -> list[Candidates]:
         draws = np.stack([pair_rng(self.settings.seed, f"pad:{pair_id}").integers(0, self.index.rows,
                                                                                   self.pad_candidates)
                           for pair_id in ids])
-        return self._candidates(search, draws, self._scores(search.queries, draws))
+        return self._candidates(search, draws, self._scores(search.queries, draws), search.in_group(draws))
 
-    def _candidates(self, search: BatchSearch, rows: np.ndarray, scores: np.ndarray) -> list[Candidates]:
+    def _candidates(self, search: BatchSearch, rows: np.ndarray, scores: np.ndarray,
+                    same_group: np.ndarray) -> list[Candidates]:
         texts = self.texts.texts_of(rows)
         width = rows.shape[1]
         similarity = None
         if self.settings.near_duplicate_score is not None:
             similarity = self._scores(self.index.vectors(search.positive_rows), rows)
         return [Candidates(rows[j], scores[j], texts[j * width:(j + 1) * width],
-                           None if similarity is None else similarity[j]) for j in range(len(rows))]
+                           None if similarity is None else similarity[j], same_group[j]) for j in range(len(rows))]
 
     def finish(self, search: BatchSearch) -> pa.Table:
         table, n = search.table, search.table.num_rows
@@ -113,11 +118,15 @@ class MineActor(PoolSearchActor):
             valid = search.valid.tolist()
             ids, queries = table.column("id").to_pylist(), table.column("query").to_pylist()
             positives = table.column("positive").to_pylist()
-            candidates = self._candidates(search, search.rows, search.scores)
+            candidates = self._candidates(search, search.rows, search.scores, search.same_group)
             hard_negatives = self._hard_negatives(search)
             fallback = self._fallback(search, [ids[i] for i in valid]) if self.on_shortage == "pad_random" else None
-            searched_ranks = positive_ranks(search.rows, search.scores, search.positive_rows, search.positive_scores,
+            # the filter's rank rule: the pair's other group texts are not competitors; a rank is
+            # decided only if some remaining result does not beat the positive
+            competitors = np.where(search.same_group, -1, search.rows)
+            searched_ranks = positive_ranks(competitors, search.scores, search.positive_rows, search.positive_scores,
                                             self.search_depth)
+            searched_ranks[searched_ranks > (competitors >= 0).sum(axis=1)] = BEYOND_K
             has_hard_negative = table.column("hard_negative").is_valid().to_pylist()
             for j, i in enumerate(valid):
                 positive = Positive(int(search.positive_rows[j]), float(search.positive_scores[j]), positives[i])
