@@ -80,3 +80,26 @@ def test_ingest_keeps_every_evaluation_text_out_of_the_corpus(tmp_path, ray_loca
     kept = pq.read_table(tmp_path / "run" / "ingest" / "data").column("text").to_pylist()
     assert not {" ".join(t.split()) for t in kept} & eval_texts
     assert len(kept) > 0   # the sw sentences that are not eval queries stay
+
+
+def test_serve_stage_answers_over_http_with_the_in_process_embeddings(tmp_path, ray_local, tiny_encoder_dir, capsys):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = load_config_dict({"run_dir": str(tmp_path / "run"), "base_model": str(tiny_encoder_dir),
+                            "stages": ["base_model", "serve"],
+                            "serve": {"port": port, "num_cpus": 0.5, "dimensions": 16,
+                                      "queries": ["Hallo Welt", "你好"], "passages": ["hello world", "bonjour"]}},
+                           PipelineConfig)
+    outcomes = run_pipeline(cfg)
+    out = capsys.readouterr().out
+    assert f"http://127.0.0.1:{port}/v1" in out and "'Hallo Welt'\n    -> " in out
+    deviation = float(out.split("max |served - in-process| = ")[1].split()[0])
+    assert deviation < 1e-4
+    assert outcomes[-1].artifacts["served_model_dir"] == str(tiny_encoder_dir)
+    import httpx
+
+    with pytest.raises(httpx.HTTPError):   # the stage stopped the server
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)

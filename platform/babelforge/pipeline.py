@@ -11,6 +11,8 @@ rerunning the same command continues where it stopped.
     synth          persona-conditioned (query, positive, hard negative) examples from corpus seeds
     filter         ranking-consistency filter of synthetic + bitext pairs with the teacher (top-k)
     mine           hard negatives from the teacher's ranking, with false-negative guards
+    serve          deploy the newest model on Ray Serve, query it over HTTP, check it against
+                   in-process encoding, stop it (or keep it running)
 
 Stage sections take the keys of the stage's own job config minus the ones the pipeline fills in
 (``output_dir``, input directories, the model, ``ray``): ``ingest`` is an ingest config, while
@@ -42,8 +44,8 @@ log = logging.getLogger(__name__)
 __all__ = ["PipelineConfig", "run_pipeline", "register", "STAGES", "DEFAULT_CONFIG"]
 
 DEFAULT_CONFIG = "jobs/configs/pipeline.yaml"
-StageName = Literal["base_model", "eval_base", "ingest", "synth", "filter", "mine"]
-STAGES: tuple[str, ...] = ("base_model", "eval_base", "ingest", "synth", "filter", "mine")
+StageName = Literal["base_model", "eval_base", "ingest", "synth", "filter", "mine", "serve"]
+STAGES: tuple[str, ...] = ("base_model", "eval_base", "ingest", "synth", "filter", "mine", "serve")
 # Stage sections and the keys the pipeline fills in ({run_dir} is substituted).
 _SECTION_DEFAULTS: dict[str, dict[str, str]] = {
     "ingest": {"output_dir": "{run_dir}/ingest"},
@@ -51,7 +53,20 @@ _SECTION_DEFAULTS: dict[str, dict[str, str]] = {
     "mine": {"output_dir": "{run_dir}/mine", "input": "{run_dir}/filter"},
 }
 # Which config section each stage needs.
-_STAGE_SECTION = {"eval_base": "eval", "ingest": "ingest", "synth": "synth", "filter": "filter", "mine": "mine"}
+_STAGE_SECTION = {"eval_base": "eval", "ingest": "ingest", "synth": "synth", "filter": "filter", "mine": "mine",
+                  "serve": "serve"}
+
+
+class ServeDemo(StrictModel):
+    """The ``serve`` stage: which server to start and what to ask it."""
+
+    port: int = Field(8000, gt=0, lt=65536)
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    dimensions: int | None = None           # a Matryoshka dimension to request (None: full size)
+    queries: list[str] = Field(min_length=1)
+    passages: list[str] = Field(min_length=1)
+    keep_running: bool = False              # leave the server up when the job ends (Ctrl-C stops it)
 
 
 class PipelineConfig(StrictModel):
@@ -67,6 +82,7 @@ class PipelineConfig(StrictModel):
     synth: SynthSettings | None = None
     filter: FilterConfig | None = None
     mine: MineConfig | None = None
+    serve: ServeDemo | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -235,6 +251,47 @@ def _mine(ctx: PipelineContext) -> StageOutcome:
     return StageOutcome("mine", 0.0, summary.format(), {"training_dir": cfg.output_dir})
 
 
+def _serve(ctx: PipelineContext) -> StageOutcome:
+    import numpy as np
+
+    from babelforge.models import Embedder
+    from babelforge.serve import ServeConfig, start_server
+
+    demo = ctx.cfg.serve
+    assert demo is not None
+    model_dir = ctx.artifacts.get("trained_model_dir") or ctx.need("base_model_dir", "serve")
+    config = ServeConfig(model_path=model_dir, http={"port": demo.port}, num_cpus=demo.num_cpus,
+                         num_gpus=demo.num_gpus)
+    server = start_server(config)
+    try:
+        queries = server.embed(demo.queries, input_type="query", dimensions=demo.dimensions)
+        passages = server.embed(demo.passages, input_type="passage", dimensions=demo.dimensions)
+        local = Embedder.from_pretrained(model_dir)
+        expected = local.encode(demo.queries, prompt_name="query", dim=demo.dimensions)
+        deviation = float(np.abs(queries - expected).max())
+        print(f"served {config.served_model_name} at {server.openai_base_url} (OpenAI-compatible /v1/embeddings); "
+              f"max |served - in-process| = {deviation:.2e}")
+        scores = queries @ passages.T
+        for query, row in zip(demo.queries, scores):
+            best = int(row.argmax())
+            print(f"  {query!r}\n    -> {demo.passages[best]!r} (cosine {row[best]:.3f})")
+        if demo.keep_running:
+            print(f"serving until interrupted: {server.url}  (Ctrl-C to stop)", flush=True)
+            _wait_for_interrupt()
+    finally:
+        server.stop()
+    return StageOutcome("serve", 0.0, f"served {model_dir} on port {demo.port}; served == in-process within "
+                                      f"{deviation:.1e}", {"served_model_dir": model_dir})
+
+
+def _wait_for_interrupt() -> None:
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
 _RUNNERS: dict[str, Callable[[PipelineContext], StageOutcome]] = {
     "base_model": _base_model,
     "eval_base": _eval_base,
@@ -242,6 +299,7 @@ _RUNNERS: dict[str, Callable[[PipelineContext], StageOutcome]] = {
     "synth": _synth,
     "filter": _filter,
     "mine": _mine,
+    "serve": _serve,
 }
 
 
