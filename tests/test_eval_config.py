@@ -3,7 +3,8 @@ Ray job script run end to end on the tiny model."""
 
 from __future__ import annotations
 
-import importlib.util
+import subprocess
+import sys
 import json
 from pathlib import Path
 
@@ -87,12 +88,11 @@ def test_cli_reports_a_missing_model_directory(small_config, tmp_path, capsys):
 
 
 def test_job_script_runs_the_library(small_config, tiny_encoder_dir, tmp_path):
-    spec = importlib.util.spec_from_file_location("evaluate_job", REPO / "jobs/evaluate.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
     out = tmp_path / "job"
-    assert job.main(["--config", str(small_config), "--model", str(tiny_encoder_dir), "--output-dir", str(out),
-                     "--set", "eval.use_ray=false", "--set", "eval.dims=[8]"]) == 0
+    done = subprocess.run([sys.executable, str(REPO / "jobs/evaluate.py"), "--config", str(small_config),
+                           "--model", str(tiny_encoder_dir), "--output-dir", str(out),
+                           "--set", "eval.use_ray=false", "--set", "eval.dims=[8]"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
     assert load_report(out).dims == [8]
 
 

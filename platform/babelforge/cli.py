@@ -35,6 +35,19 @@ STAGES: dict[str, tuple[str, str]] = {
 }
 
 
+def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None, example: str) -> None:
+    """``--config`` and repeatable ``--set KEY=VALUE`` overrides, shared by every stage subcommand."""
+    parser.add_argument("--config", default=default_config,
+                        help=f"YAML config (default {default_config})" if default_config else "YAML config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config value, e.g. --set {example} (repeatable)")
+
+
+def job_main(command: str) -> int:
+    """Entry point of ``jobs/<stage>.py``: the same as ``babelforge <command> ARGS``."""
+    return main([command, *sys.argv[1:]])
+
+
 def _unavailable(name: str, module: str) -> Callable[[argparse.Namespace], int]:
     def run(_: argparse.Namespace) -> int:
         raise StageNotAvailableError(f"`babelforge {name}` is not available in this release ({module} is missing)")

@@ -41,7 +41,7 @@ from babelforge.synth.config import SynthSettings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PipelineConfig", "run_pipeline", "register", "STAGES", "DEFAULT_CONFIG"]
+__all__ = ["PipelineConfig", "run_pipeline", "register", "STAGES", "DEFAULT_CONFIG", "CONFIG_MODEL"]
 
 DEFAULT_CONFIG = "jobs/configs/pipeline.yaml"
 StageName = Literal["base_model", "eval_base", "ingest", "synth", "filter", "mine", "serve"]
@@ -122,6 +122,9 @@ def _substitute(value: Any, table: dict[str, str]) -> Any:
     if isinstance(value, list):
         return [_substitute(item, table) for item in value]
     return value
+
+
+CONFIG_MODEL = PipelineConfig
 
 
 @dataclass
@@ -334,9 +337,9 @@ def run_pipeline(cfg: PipelineConfig) -> list[StageOutcome]:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"pipeline YAML (default {DEFAULT_CONFIG})")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. run_dir=runs/try2 or eval.max_queries=50 (repeatable)")
+    from babelforge.cli import add_config_arguments
+
+    add_config_arguments(parser, DEFAULT_CONFIG, "run_dir=runs/try2")
     parser.add_argument("--stages", help="comma-separated subset of stages to run, e.g. eval_base,ingest")
 
 

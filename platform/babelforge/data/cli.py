@@ -11,22 +11,23 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from babelforge.cli import add_config_arguments
 from babelforge.config import load_config
+from babelforge.data.config import IngestConfig
 
-__all__ = ["register", "run_ingest_command"]
+__all__ = ["register", "run_ingest_command", "CONFIG_MODEL"]
+
+CONFIG_MODEL = IngestConfig
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("ingest", help="ingest corpora into parquet shards with quarantine",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (see jobs/configs/ingest.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set dedup.threshold=0.9 (repeatable)")
+    add_config_arguments(parser, "jobs/configs/ingest.yaml", "dedup.threshold=0.9")
     parser.set_defaults(func=run_ingest_command)
 
 
 def run_ingest_command(args: argparse.Namespace) -> int:
-    from babelforge.data.config import IngestConfig
     from babelforge.data.ingest import format_report, run_ingest
 
     cfg = load_config(args.config, IngestConfig, args.overrides)

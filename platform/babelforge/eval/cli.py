@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from babelforge.cli import add_config_arguments
 from babelforge.config import dump_config, load_config
 from babelforge.eval.config import EvalJobConfig, build_tasks
 from babelforge.eval.report import EvalReport, compare_reports, load_report, report_markdown, write_report
@@ -24,9 +25,10 @@ from babelforge.utils.ray_env import init_ray
 
 log = logging.getLogger(__name__)
 
-__all__ = ["register", "run_eval_job", "DEFAULT_CONFIG"]
+__all__ = ["register", "run_eval_job", "DEFAULT_CONFIG", "CONFIG_MODEL"]
 
 DEFAULT_CONFIG = "jobs/configs/eval.yaml"
+CONFIG_MODEL = EvalJobConfig
 
 
 def register(subparsers: Any) -> None:
@@ -38,9 +40,7 @@ def register(subparsers: Any) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options shared by ``babelforge eval`` and ``jobs/evaluate.py``."""
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. eval.max_queries=200 (repeatable)")
+    add_config_arguments(parser, DEFAULT_CONFIG, "eval.max_queries=200")
     parser.add_argument("--model", help="model directory to evaluate (overrides `model`)")
     parser.add_argument("--output-dir", help="where report.json / report.md go (overrides `output_dir`)")
     parser.add_argument("--baseline", help="a report.json (or its directory) to compare this run against")

@@ -12,24 +12,24 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from babelforge.cli import add_config_arguments
 from babelforge.config import load_config
+from babelforge.filter.config import FilterConfig
 
-__all__ = ["register", "run_filter_command", "DEFAULT_CONFIG"]
+__all__ = ["register", "run_filter_command", "DEFAULT_CONFIG", "CONFIG_MODEL"]
 
 DEFAULT_CONFIG = "jobs/configs/filter.yaml"
+CONFIG_MODEL = FilterConfig
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("filter", help="ranking-consistency filtering with a teacher embedder",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set k=20 (repeatable)")
+    add_config_arguments(parser, DEFAULT_CONFIG, "k=20")
     parser.set_defaults(func=run_filter_command)
 
 
 def run_filter_command(args: argparse.Namespace) -> int:
-    from babelforge.filter.config import FilterConfig
     from babelforge.filter.stage import format_report, run_filter
 
     cfg = load_config(args.config, FilterConfig, args.overrides)

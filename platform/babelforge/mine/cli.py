@@ -12,24 +12,24 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from babelforge.cli import add_config_arguments
 from babelforge.config import load_config
+from babelforge.mine.config import MineConfig
 
-__all__ = ["register", "run_mine_command", "DEFAULT_CONFIG"]
+__all__ = ["register", "run_mine_command", "DEFAULT_CONFIG", "CONFIG_MODEL"]
 
 DEFAULT_CONFIG = "jobs/configs/mine.yaml"
+CONFIG_MODEL = MineConfig
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("mine", help="hard-negative mining with false-negative guards",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set negatives.ratio=0.9 (repeatable)")
+    add_config_arguments(parser, DEFAULT_CONFIG, "negatives.ratio=0.9")
     parser.set_defaults(func=run_mine_command)
 
 
 def run_mine_command(args: argparse.Namespace) -> int:
-    from babelforge.mine.config import MineConfig
     from babelforge.mine.stage import format_report, run_mine
 
     cfg = load_config(args.config, MineConfig, args.overrides)

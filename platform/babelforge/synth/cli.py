@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 
+from babelforge.cli import add_config_arguments
 from babelforge.config import load_config
 from babelforge.synth.config import SynthJobConfig
 
-__all__ = ["register", "run_job"]
+__all__ = ["register", "run_job", "CONFIG_MODEL"]
+
+CONFIG_MODEL = SynthJobConfig
 
 
 def run_job(config: SynthJobConfig) -> int:
@@ -38,7 +41,5 @@ def _run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("synth", help="persona-based synthesis of training examples",
                                    description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="jobs/configs/synth.yaml", help="YAML job config (default: %(default)s)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. synth.quota_per_language=8 (repeatable)")
+    add_config_arguments(parser, "jobs/configs/synth.yaml", "synth.quota_per_language=8")
     parser.set_defaults(func=_run)
