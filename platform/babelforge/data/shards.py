@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from babelforge.observability import record_shard_commit
 from babelforge.schema import QUARANTINE_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -274,6 +275,7 @@ class ShardWriter:
         summary = asdict(self.summary())
         summary["shards_detail"] = [asdict(s) for _, s in sorted(self._stats.items())]
         self._write_json(posixpath.join(self.root, "manifest.json"), summary)
+        record_shard_commit(self.stage, self.output_dir, stats)   # Prometheus counters (no-op without Ray)
         log.info("[%s] committed %s: %d in, %d kept, %d quarantined", self.stage, stats.shard, stats.rows_in,
                  stats.kept, stats.rejected)
 
