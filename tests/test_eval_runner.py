@@ -10,7 +10,7 @@ import pytest
 
 from babelforge.eval.bitext import ntrex_crosslingual_task, ntrex_monolingual_task, ntrex_multilingual_task
 from babelforge.eval.datasets import RetrievalTask
-from babelforge.eval.report import compare_reports, load_report, report_markdown, write_report
+from babelforge.eval.report import compare_by_dimension, compare_reports, load_report, report_markdown, write_report
 from babelforge.eval.runner import EmbeddingTable, default_dims, evaluate, evaluate_embeddings, texts_to_encode
 
 LANGS = ["en", "de", "zh"]
@@ -135,3 +135,14 @@ def test_compare_reports_shows_deltas_per_task_and_setting():
     assert "**mean multilingual**" in table and "same-lang@10" in table
     with pytest.raises(ValueError, match="not in both reports"):
         compare_reports(before, after, dim=32)
+
+
+def test_compare_by_dimension_shows_each_shared_dimension_per_setting():
+    tasks = [ntrex_crosslingual_task("de", "en", LINES), ntrex_multilingual_task(LANGS, LINES)]
+    before = evaluate_embeddings(tasks, _line_table(tasks, language_weight=3.0), dims=[64, 32], model="base")
+    after = evaluate_embeddings(tasks, _line_table(tasks), dims=[64, 32, 16], model="trained")
+    table = compare_by_dimension(before, after, labels=("base", "trained"))
+    assert "| setting | 64 | 32 |" in table and "| 16 |" not in table   # only dimensions both reports have
+    multilingual = next(line for line in table.splitlines() if line.startswith("| mean multilingual |"))
+    assert multilingual.count("0.00 → 100.00 (+100.00)") == 2
+    assert "same-lang@10 (lower is better)" in table

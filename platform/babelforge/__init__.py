@@ -13,3 +13,9 @@ The library is organised by pipeline stage:
 """
 
 __version__ = "0.1.0"
+
+import logging as _logging
+
+# faiss logs every CPU-specific build it fails to find (AVX512-SPR, AVX512, AVX2) at INFO, which
+# floods job logs from every Ray worker that imports it; its real errors are WARNING and above.
+_logging.getLogger("faiss.loader").setLevel(_logging.WARNING)

@@ -11,6 +11,8 @@ rerunning the same command continues where it stopped.
     synth          persona-conditioned (query, positive, hard negative) examples from corpus seeds
     filter         ranking-consistency filter of synthetic + bitext pairs with the teacher (top-k)
     mine           hard negatives from the teacher's ranking, with false-negative guards
+    train          contrastive fine-tuning of the base model on Ray Train (mined + bitext pairs)
+    eval_trained   evaluate the trained model on the same held-out tasks; compare.md shows the deltas
     serve          deploy the newest model on Ray Serve, query it over HTTP, check it against
                    in-process encoding, stop it (or keep it running)
 
@@ -38,29 +40,33 @@ from babelforge.eval.config import EvalSettings
 from babelforge.filter.config import FilterConfig
 from babelforge.mine.config import MineConfig
 from babelforge.synth.config import SynthSettings
+from babelforge.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 __all__ = ["PipelineConfig", "run_pipeline", "register", "STAGES", "DEFAULT_CONFIG", "CONFIG_MODEL"]
 
 DEFAULT_CONFIG = "jobs/configs/pipeline.yaml"
-StageName = Literal["base_model", "eval_base", "ingest", "synth", "filter", "mine", "serve"]
-STAGES: tuple[str, ...] = ("base_model", "eval_base", "ingest", "synth", "filter", "mine", "serve")
+StageName = Literal["base_model", "eval_base", "ingest", "synth", "filter", "mine", "train", "eval_trained", "serve"]
+STAGES: tuple[str, ...] = ("base_model", "eval_base", "ingest", "synth", "filter", "mine", "train", "eval_trained",
+                           "serve")
 # Stage sections and the keys the pipeline fills in ({run_dir} is substituted).
 _SECTION_DEFAULTS: dict[str, dict[str, str]] = {
     "ingest": {"output_dir": "{run_dir}/ingest"},
     "filter": {"output_dir": "{run_dir}/filter"},
     "mine": {"output_dir": "{run_dir}/mine", "input": "{run_dir}/filter"},
+    "train": {"output_dir": "{run_dir}/train"},
 }
 # Which config section each stage needs.
 _STAGE_SECTION = {"eval_base": "eval", "ingest": "ingest", "synth": "synth", "filter": "filter", "mine": "mine",
-                  "serve": "serve"}
+                  "train": "train", "eval_trained": "eval", "serve": "serve"}
 
 
 class ServeDemo(StrictModel):
     """The ``serve`` stage: which server to start and what to ask it."""
 
     port: int = Field(8000, gt=0, lt=65536)
+    model_name: str = "babelforge-embedder"  # what clients pass as `model`
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     dimensions: int | None = None           # a Matryoshka dimension to request (None: full size)
@@ -82,6 +88,7 @@ class PipelineConfig(StrictModel):
     synth: SynthSettings | None = None
     filter: FilterConfig | None = None
     mine: MineConfig | None = None
+    train: TrainConfig | None = None
     serve: ServeDemo | None = None
 
     @model_validator(mode="before")
@@ -163,7 +170,8 @@ def _base_model(ctx: PipelineContext) -> StageOutcome:
 
 def _evaluate(ctx: PipelineContext, stage: str, model_key: str, baseline_key: str | None) -> StageOutcome:
     from babelforge.eval.config import build_tasks
-    from babelforge.eval.report import compare_reports, load_report, report_markdown, write_report
+    from babelforge.eval.report import (compare_by_dimension, compare_reports, load_report, report_markdown,
+                                        write_report)
     from babelforge.eval.runner import evaluate
 
     out = ctx.run_dir / stage
@@ -179,8 +187,10 @@ def _evaluate(ctx: PipelineContext, stage: str, model_key: str, baseline_key: st
     print(report_markdown(report))
     artifacts = {f"{stage}_report": str(paths["json"])}
     if baseline_key and baseline_key in ctx.artifacts:
-        comparison = compare_reports(load_report(ctx.artifacts[baseline_key]), report,
-                                     labels=("base", "trained"))
+        baseline = load_report(ctx.artifacts[baseline_key])
+        labels = ("base", "trained")
+        comparison = (compare_by_dimension(baseline, report, labels=labels) + "\n"
+                      + compare_reports(baseline, report, labels=labels))
         (out / "compare.md").write_text(comparison, encoding="utf-8")
         print(comparison)
         artifacts[f"{stage}_compare"] = str(out / "compare.md")
@@ -254,6 +264,21 @@ def _mine(ctx: PipelineContext) -> StageOutcome:
     return StageOutcome("mine", 0.0, summary.format(), {"training_dir": cfg.output_dir})
 
 
+def _train(ctx: PipelineContext) -> StageOutcome:
+    from babelforge.train.trainer import run_training
+
+    cfg = ctx.cfg.train
+    assert cfg is not None
+    result = run_training(cfg)
+    loss = result.metrics.get("loss")
+    summary = f"final model {result.final_model_dir}" + (f", last loss {loss:.4f}" if isinstance(loss, float) else "")
+    return StageOutcome("train", 0.0, summary, {"trained_model_dir": result.final_model_dir})
+
+
+def _eval_trained(ctx: PipelineContext) -> StageOutcome:
+    return _evaluate(ctx, "eval_trained", "trained_model_dir", "eval_base_report")
+
+
 def _serve(ctx: PipelineContext) -> StageOutcome:
     import numpy as np
 
@@ -263,7 +288,8 @@ def _serve(ctx: PipelineContext) -> StageOutcome:
     demo = ctx.cfg.serve
     assert demo is not None
     model_dir = ctx.artifacts.get("trained_model_dir") or ctx.need("base_model_dir", "serve")
-    config = ServeConfig(model_path=model_dir, http={"port": demo.port}, num_cpus=demo.num_cpus,
+    config = ServeConfig(model_path=model_dir, model_name=demo.model_name, http={"port": demo.port},
+                         num_cpus=demo.num_cpus,
                          num_gpus=demo.num_gpus)
     server = start_server(config)
     try:
@@ -302,6 +328,8 @@ _RUNNERS: dict[str, Callable[[PipelineContext], StageOutcome]] = {
     "synth": _synth,
     "filter": _filter,
     "mine": _mine,
+    "train": _train,
+    "eval_trained": _eval_trained,
     "serve": _serve,
 }
 

@@ -23,7 +23,7 @@ from babelforge.eval.datasets import SETTINGS
 from babelforge.eval.metrics import MAIN_METRIC
 
 __all__ = ["TaskResult", "EvalReport", "BIAS_METRIC", "write_report", "load_report", "report_markdown",
-           "compare_reports"]
+           "compare_reports", "compare_by_dimension"]
 
 BIAS_METRIC = "same_lang@10"
 
@@ -224,3 +224,26 @@ def compare_reports(before: EvalReport, after: EvalReport, *, metric: str = MAIN
     title = [f"{_label(metric)} at dimension {dim} (×100): `{before.model}` ({labels[0]}) vs "
              f"`{after.model}` ({labels[1]})", ""]
     return "\n".join(title + _table(["task", labels[0], labels[1], "delta"], rows)) + "\n"
+
+
+def compare_by_dimension(before: EvalReport, after: EvalReport, *, metric: str = MAIN_METRIC,
+                         labels: tuple[str, str] = ("before", "after")) -> str:
+    """Markdown table of the per-setting mean of ``metric`` at every dimension both reports share.
+
+    Each cell reads ``before → after (delta)``, so Matryoshka gains at small dimensions are visible
+    next to the full-size result.
+    """
+    dims = sorted(set(before.dims) & set(after.dims), reverse=True)
+    agg_before, agg_after = before.aggregates(metric), after.aggregates(metric)
+    bias_before, bias_after = before.language_bias(), after.language_bias()
+
+    def cell(b: float | None, a: float | None) -> str:
+        return f"{_score(b)} → {_score(a)} ({_delta(b, a)})"
+
+    rows = [[f"mean {setting}", *(cell(agg_before[setting].get(d), agg_after.get(setting, {}).get(d)) for d in dims)]
+            for setting in SETTINGS if setting in agg_before]
+    if bias_before:
+        rows.append([f"multilingual {_label(BIAS_METRIC)} (lower is better)",
+                     *(cell(bias_before.get(d), bias_after.get(d)) for d in dims)])
+    title = [f"{_label(metric)} (×100) by embedding dimension, {labels[0]} → {labels[1]}", ""]
+    return "\n".join(title + _table(["setting", *(str(d) for d in dims)], rows)) + "\n"
