@@ -61,7 +61,11 @@ def build_model(settings: ModelSettings, device: torch.device, *, matryoshka_dim
     if settings.gradient_checkpointing:
         model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if settings.lora is not None:
-        from peft import LoraConfig, get_peft_model
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as err:
+            from babelforge.errors import ConfigError
+            raise ConfigError("model.lora needs the peft package: pip install 'babelforge[lora]'") from err
 
         lora = settings.lora
         model.backbone = get_peft_model(model.backbone, LoraConfig(r=lora.r, lora_alpha=lora.alpha,
@@ -79,10 +83,8 @@ def build_model(settings: ModelSettings, device: torch.device, *, matryoshka_dim
 
 def export_model(model: Embedder, path: str | Path) -> Path:
     """Save ``model`` as a babelforge model directory (LoRA adapters merged into the weights)."""
-    from peft import PeftModel
-
     backbone = model.backbone
-    if isinstance(backbone, PeftModel):
+    if hasattr(backbone, "merge_and_unload"):  # a peft model: LoRA is on, so peft is installed
         backbone = backbone.merge_and_unload()
     exported = Embedder(backbone, model.tokenizer, model.config)
     return exported.save_pretrained(path)
