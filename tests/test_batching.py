@@ -1,4 +1,5 @@
-"""Contrastive batching: coverage, task homogeneity, hybrid ratio, rank determinism, bucketing, prompts."""
+"""Contrastive batching: coverage, task homogeneity, hybrid ratio, rank determinism, bucketing, negatives,
+translation groups, prompts."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from babelforge.errors import DataFormatError
 from babelforge.models.tiny import build_tiny_tokenizer
 from babelforge.resources import ntrex_file
-from babelforge.train.batching import BatchingConfig, ContrastiveBatcher, InstructionFormat
+from babelforge.train.batching import BatchingConfig, ContrastiveBatcher, InstructionFormat, PromptTemplates
 
 TASK_SIZES = {"qa": 96, "bitext": 160, "short_short": 40}
 
@@ -136,6 +137,30 @@ def test_fixed_number_of_negatives_sampled_or_topped_up():
     assert len(batch.passage_texts()) == len(batch) * 4
 
 
+def test_shards_carry_translation_groups_and_top_ups_skip_the_rows_own_group():
+    # Multi-parallel bitext: 12 lines in 4 directions, one group per line; some rows have no group.
+    en, de = (ntrex_file(lang).read_text(encoding="utf-8").splitlines() for lang in ("en", "de"))
+    rows = []
+    for line in range(12):
+        for k, (query, positive) in enumerate([(en, de), (de, en), (en, en), (de, de)]):
+            rows.append({"id": f"{line}-{k}", "query": query[line] + f" ({k})", "positive": positive[line],
+                         "task": "bitext", "group": f"ntrex:{line}" if line < 10 else None})
+    by_id = {r["id"]: r for r in rows}
+    batcher = ContrastiveBatcher(rows, BatchingConfig(batch_size=8, num_negatives=5, seed=4), rank=1, world_size=2)
+    shared = 0
+    for epoch in range(3):
+        for batch in batcher.batches(epoch):
+            assert batch.groups == [by_id[i].get("group") for i in batch.ids]
+            for group, negatives, negative_groups in zip(batch.groups, batch.negatives, batch.negative_groups):
+                sources = [r for r in rows if r["positive"] in negatives]
+                assert len(negative_groups) == 5 and set(negative_groups) <= {r.get("group") for r in sources}
+                if group is not None:   # topped up from other lines only
+                    assert group not in negative_groups
+                    assert not set(negatives) & {r["positive"] for r in rows if r.get("group") == group}
+            shared += len(batch.groups) - len(set(batch.groups))
+    assert shared > 0   # the plan does not keep a group's rows apart: the loss masks them instead
+
+
 def test_instruction_formats():
     rows = make_rows()[:32]
     rows[0] = {**rows[0], "instruction": None}
@@ -149,6 +174,17 @@ def test_instruction_formats():
     assert prompts[rows[1]["id"]] == "Instruct: Retrieve for qa\nQuery: "
     assert set(batch.passage_prompts) == {""}
     assert batch.query_texts()[0] == batch.query_prompts[0] + batch.queries[0]
+
+    # Per-task templates: symmetric bitext ("query: " on both sides) next to asymmetric retrieval.
+    fmt = InstructionFormat("query: ", "passage: ", task_templates={
+        "bitext": PromptTemplates(passage="query: "), "qa": PromptTemplates(query="question: ")})
+    retagged = [{**r, "id": f"{task}{i}", "task": task} for task in ("bitext", "short_short")
+                for i, r in enumerate(rows[:16])]
+    batcher = ContrastiveBatcher(rows[:16] + retagged, BatchingConfig(batch_size=16, instructions=fmt))
+    prompts = {b.task: (set(b.query_prompts), set(b.passage_prompts)) for b in batcher.batches(0)}
+    assert prompts == {"qa": ({"question: "}, {"passage: "}), "short_short": ({"query: "}, {"passage: "}),
+                       "bitext": ({"query: "}, {"query: "})}
+    assert fmt.templates("unknown") == ("query: ", "passage: ")
 
     with pytest.raises(DataFormatError, match=r"row 'qa-0'.*task_instructions"):
         next(ContrastiveBatcher(rows, BatchingConfig(batch_size=32, instructions=InstructionFormat.instruct()))

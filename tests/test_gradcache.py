@@ -5,6 +5,7 @@ Gradients are compared with the whole-model relative error of ``test_losses`` (1
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 
 import pytest
@@ -16,7 +17,8 @@ from babelforge.train.distributed import launch_local
 from babelforge.train.gradcache import plan_chunks
 from babelforge.train.losses import InfoNCELoss, MatryoshkaLoss
 from babelforge.train.step import ContrastiveStep
-from test_losses import GRAD_RTOL, assert_grads_close, ntrex_batch, shard, single_thread  # noqa: F401
+from test_losses import (GRAD_RTOL, assert_grads_close, multiparallel_batch, ntrex_batch, shard,  # noqa: F401
+                         single_thread)
 
 
 def full_loss() -> MatryoshkaLoss:
@@ -67,6 +69,18 @@ def test_gradcache_gradients_equal_uncached_with_dropout_hard_negatives_and_matr
     _, other_seed = step_grads(grad_cache=False, seed=2)
     with pytest.raises(AssertionError):
         assert_grads_close(other_seed, plain, 1e-2)
+
+
+def test_gradcache_with_translation_groups_equals_uncached_with_groups():
+    """The group ids reach the loss on the cached path too (it runs on the embedding leaves)."""
+    grouped = multiparallel_batch()
+    loss_plain, plain = step_grads(grad_cache=False, batch=grouped)
+    loss_cached, cached = step_grads(grad_cache=True, batch=grouped)
+    assert abs(loss_cached - loss_plain) <= 1e-6 * abs(loss_plain)
+    assert_grads_close(cached, plain, GRAD_RTOL)
+    loss_ungrouped, _ = step_grads(grad_cache=True, batch=dataclasses.replace(grouped, groups=None,
+                                                                              negative_groups=None))
+    assert loss_ungrouped > loss_cached + 1e-3
 
 
 def test_gradcache_needs_the_rng_replay_for_dropout(monkeypatch):

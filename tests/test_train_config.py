@@ -70,10 +70,21 @@ def test_the_7b_preset_is_zero3_with_offload_and_the_qwen_presets_pool_the_last_
     ({"monitor": {"eval_every": 10}}, "eval_every needs a dev_eval section"),
     ({"loss": {"matryoshka_dims": [64, 32], "matryoshka_weights": [1.0]}}, "1 weights for 2 matryoshka_dims"),
     ({"optim": {"max_stpes": 10}}, "optim.max_stpes: unknown key"),
+    ({"data": {**MINIMAL["data"], "batching": {"task_templates": {"bitext": {"passages": "query: "}}}}},
+     "data.batching.task_templates.bitext.passages: unknown key"),
 ])
 def test_bad_combinations_are_rejected_naming_the_key(sections, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         config(**sections)
+
+
+def test_task_templates_override_the_run_wide_prefixes_per_task():
+    cfg = config(data={**MINIMAL["data"], "batching": {"task_templates": {
+        "bitext": {"passage": "query: "}, "qa": {"query": "question: ", "passage": ""}}}})
+    fmt = cfg.batching_config(1).instructions
+    assert (fmt.templates("bitext"), fmt.templates("qa"), fmt.templates("short_long")) == \
+        (("query: ", "query: "), ("question: ", ""), ("query: ", "passage: "))
+    assert config().batching_config(1).instructions.task_templates == {}
 
 
 def test_storage_defaults_under_the_output_dir_and_s3_is_kept():
@@ -191,6 +202,8 @@ def test_ntrex_source_rows_are_training_rows_of_the_train_split_only():
     lines = {int(i.rsplit("-", 1)[1]) for i in table.column("id").to_pylist()}
     assert lines <= set(split_ntrex_lines().train_lines)
     assert table.column("negatives").to_pylist() == [[]] * 50
+    ids = table.column("id").to_pylist()
+    assert table.column("group").to_pylist() == [f"ntrex:{int(i.rsplit('-', 1)[1])}" for i in ids]
 
 
 def test_ntrex_passage_rows_come_from_training_articles_one_per_passage():
@@ -205,6 +218,13 @@ def test_ntrex_passage_rows_come_from_training_articles_one_per_passage():
     assert len({r["positive"] for r in rows}) == len(rows)           # one query per passage: no in-batch twins
     assert all(r["query"] in r["positive"] and r["task"] == "short_long" and r["query_lang"] == "de" for r in rows)
     assert rows == source_table(NtrexPassagesSource(ntrex_passages={"langs": ["de"]})).to_pylist()   # stable
+    # One translation group per window, shared by the window's passage in every language.
+    assert all(r["group"] == "ntrex-passage:" + r["id"].split(":", 1)[1] for r in rows)
+    both = source_table(NtrexPassagesSource(ntrex_passages={"langs": ["de", "en"]})).to_pylist()
+    windows: dict[str, set[str]] = {}
+    for row in both:
+        windows.setdefault(row["group"], set()).add(row["query_lang"])
+    assert len(windows) == len(rows) and all(langs == {"de", "en"} for langs in windows.values())
 
 
 def test_the_batches_of_a_step_are_a_function_of_the_step_alone():

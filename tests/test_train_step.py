@@ -1,6 +1,9 @@
-"""ContrastiveStep: metrics, chunked == unchunked, bf16 autocast, and Matryoshka training that works."""
+"""ContrastiveStep: metrics, chunked == unchunked, bf16 autocast, translation groups, and Matryoshka training
+that works."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ from babelforge.models.tiny import build_tiny_embedder
 from babelforge.resources import ntrex_file
 from babelforge.train import (BatchingConfig, ContrastiveBatcher, ContrastiveStep, InfoNCELoss, MatryoshkaLoss,
                               TokenizedBatch)
-from test_losses import GRAD_RTOL, assert_grads_close, ntrex_batch, single_thread  # noqa: F401
+from test_losses import GRAD_RTOL, assert_grads_close, multiparallel_batch, ntrex_batch, single_thread  # noqa: F401
 
 
 def run_step(batch, **options):
@@ -54,6 +57,25 @@ def test_bf16_autocast_keeps_the_loss_in_float32_and_close():
     total = torch.cat([g.flatten() for g in grads.values()])
     diff = torch.cat([(bf16_grads[n] - g).flatten() for n, g in grads.items()])
     assert diff.norm() <= 0.1 * total.norm()
+
+
+def test_translation_groups_reach_the_loss_and_ungrouped_batches_train_as_before():
+    batch = ntrex_batch(8, negatives=2)
+    ungrouped = dataclasses.replace(batch, groups=[None] * 8, negative_groups=[[None, None]] * 8)
+    without, grads, step = run_step(batch)
+    with_none, none_grads, _ = run_step(ungrouped)
+    assert step.tokenize(batch).groups is None
+    assert step.tokenize(ungrouped).groups.tolist() == [[-1, -1, -1]] * 8
+    assert with_none.loss == without.loss and with_none.terms["masked_group_negatives"] == 0.0
+    assert all(torch.equal(none_grads[name], g) for name, g in grads.items())   # bit for bit
+
+    grouped = multiparallel_batch()
+    ids = step.tokenize(grouped).groups
+    assert ids.dtype == torch.int64 and ids.shape == (8, 3)
+    assert ids[0, 0] == ids[6, 0] and ids[2, 0] == ids[7, 0] and ids[3, 1] == ids[1, 0] != ids[0, 0]
+    metrics, _, _ = run_step(grouped)
+    assert metrics.terms["masked_group_negatives"] == 5 / 8   # queries 0, 2, 6, 7: a translation each; 1: a negative
+    assert metrics.loss < run_step(dataclasses.replace(grouped, groups=None, negative_groups=None))[0].loss
 
 
 def test_grad_cache_needs_a_chunk_size():

@@ -15,9 +15,10 @@ consumes and names the missing or mistyped column when it does not match.
 sharing a group express the same content (e.g. all translations of one NTREX line,
 ``"ntrex:<line>"``), so none of them may be a negative for another. A pair's group covers its
 query and its positive. Filtering does not count the other texts of the pair's group as
-competitors of the positive, and mining never picks them as negatives; this is exact knowledge
-from the data, where text equality and the score-ratio guard only approximate it. Null means
-"no known alternatives" (synthetic pairs, see :mod:`babelforge.data.pairs`).
+competitors of the positive, mining never picks them as negatives, and the training loss masks
+them among a query's in-batch candidates; this is exact knowledge from the data, where text
+equality and the score-ratio guard only approximate it. Null means "no known alternatives"
+(synthetic pairs, see :mod:`babelforge.data.pairs`).
 """
 
 from __future__ import annotations

@@ -25,10 +25,17 @@ is ``plan(e)[s]``.
 - **Instructions**: :class:`InstructionFormat` renders the text prepended to queries and passages,
   e5 style (``query: `` / ``passage: ``, task instruction ignored) or instruct style
   (``Instruct: {instruction}\\nQuery: `` on queries, nothing on passages; KaLM-Embedding, Qwen3-Embedding,
-  E5-mistral). A row's own ``instruction`` wins over the per-task default.
+  E5-mistral). A row's own ``instruction`` wins over the per-task default. ``task_templates``
+  override the templates per task, so symmetric tasks (bitext: ``query: `` on both sides, e5's
+  convention) and asymmetric ones (retrieval: ``query: `` / ``passage: ``) can share a run.
 - **Negatives**: every row gets exactly ``num_negatives`` (fixed ``N`` keeps tensor shapes static).
   Rows with more mined negatives sample ``N`` of them per epoch; rows with fewer are topped up with
-  random positives of other rows of the same group.
+  random positives of other rows of the same group, never of a row of the row's own translation
+  group (those positives are correct answers, as mining never picks them either).
+- **Translation groups**: each shard carries its rows' ``group`` and each negative's (a topped-up
+  negative's source row's; none for a mined one), which the loss uses to mask the false negatives
+  of multi-parallel data exactly (:mod:`~babelforge.train.losses.groups`). The plan ignores
+  groups: rows of one group may share a batch (see ``docs/training.md``).
 
 Example::
 
@@ -51,9 +58,18 @@ import numpy as np
 
 from babelforge.errors import DataFormatError
 
-__all__ = ["InstructionFormat", "BatchingConfig", "ContrastiveBatch", "ContrastiveBatcher", "GlobalBatch"]
+__all__ = ["PromptTemplates", "InstructionFormat", "BatchingConfig", "ContrastiveBatch", "ContrastiveBatcher",
+           "GlobalBatch"]
 
 _INSTRUCTION = "{instruction}"
+
+
+@dataclass(frozen=True)
+class PromptTemplates:
+    """One task's override of the query and/or passage template; ``None`` keeps the run-wide one."""
+
+    query: str | None = None
+    passage: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,11 +78,14 @@ class InstructionFormat:
 
     ``{instruction}`` in a template is replaced by the row's ``instruction`` or, when the row has
     none, by ``task_instructions[task]``; a template without the placeholder ignores instructions.
+    ``task_templates[task]`` overrides ``query_template`` / ``passage_template`` for that task's
+    rows (e.g. ``{"bitext": PromptTemplates(passage="query: ")}``).
     """
 
     query_template: str = "query: "
     passage_template: str = "passage: "
     task_instructions: Mapping[str, str] = field(default_factory=dict)
+    task_templates: Mapping[str, PromptTemplates] = field(default_factory=dict)
 
     @classmethod
     def e5(cls) -> "InstructionFormat":
@@ -77,6 +96,17 @@ class InstructionFormat:
     def instruct(cls, task_instructions: Mapping[str, str] | None = None) -> "InstructionFormat":
         """``Instruct: {instruction}\\nQuery: `` on queries, no passage prefix (KaLM, Qwen3-Embedding)."""
         return cls("Instruct: " + _INSTRUCTION + "\nQuery: ", "", dict(task_instructions or {}))
+
+    def templates(self, task: str) -> tuple[str, str]:
+        """The (query, passage) templates of ``task``: its override where set, else the run-wide ones."""
+        override = self.task_templates.get(task, PromptTemplates())
+        return (self.query_template if override.query is None else override.query,
+                self.passage_template if override.passage is None else override.passage)
+
+    def prompts(self, instruction: str | None, task: str, row_id: str) -> tuple[str, str]:
+        """The rendered (query, passage) prompts of a row of ``task``."""
+        query, passage = self.templates(task)
+        return self.render(query, instruction, task, row_id), self.render(passage, instruction, task, row_id)
 
     def render(self, template: str, instruction: str | None, task: str, row_id: str) -> str:
         if _INSTRUCTION not in template:
@@ -129,7 +159,12 @@ class GlobalBatch:
 
 @dataclass
 class ContrastiveBatch:
-    """One worker's shard of a global batch; ``negatives[i]`` has exactly ``num_negatives`` texts."""
+    """One worker's shard of a global batch; ``negatives[i]`` has exactly ``num_negatives`` texts.
+
+    ``groups[i]`` is row ``i``'s translation group (that of its query and positive) and
+    ``negative_groups[i][k]`` that of ``negatives[i][k]``; ``None`` entries have no group, and a
+    batch without them (``None``) masks nothing.
+    """
 
     step: int
     task: str
@@ -141,6 +176,8 @@ class ContrastiveBatch:
     passage_prompts: list[str]
     query_langs: list[str | None]
     positive_langs: list[str | None]
+    groups: list[str | None] | None = None
+    negative_groups: list[list[str | None]] | None = None
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -258,39 +295,43 @@ class ContrastiveBatcher:
             yield self.shard(global_batch, epoch, step)
 
     def shard(self, global_batch: GlobalBatch, epoch: int, step: int) -> ContrastiveBatch:
-        """Rows ``rank, rank + W, ...`` of the global batch, with prompts and negatives."""
+        """Rows ``rank, rank + W, ...`` of the global batch, with prompts, negatives and translation groups."""
         fmt = self.config.instructions
         rows = global_batch.rows[self.rank::self.world_size]
         data = [self.rows[i] for i in rows]
         ids = [str(r["id"]) for r in data]
-        keys = [(r.get("instruction"), str(r.get("task") or global_batch.group), i) for r, i in zip(data, ids)]
+        prompts = [fmt.prompts(r.get("instruction"), str(r.get("task") or global_batch.group), i)
+                   for r, i in zip(data, ids)]
+        negatives = [self._negatives(i, global_batch.group, epoch) for i in rows]
         return ContrastiveBatch(
             step=step, task=global_batch.group, ids=ids,
             queries=[r["query"] for r in data], positives=[r["positive"] for r in data],
-            negatives=[self._negatives(i, global_batch.group, epoch) for i in rows],
-            query_prompts=[fmt.render(fmt.query_template, *key) for key in keys],
-            passage_prompts=[fmt.render(fmt.passage_template, *key) for key in keys],
-            query_langs=[r.get("query_lang") for r in data], positive_langs=[r.get("positive_lang") for r in data])
+            negatives=[[text for text, _ in n] for n in negatives],
+            query_prompts=[query for query, _ in prompts], passage_prompts=[passage for _, passage in prompts],
+            query_langs=[r.get("query_lang") for r in data], positive_langs=[r.get("positive_lang") for r in data],
+            groups=[r.get("group") for r in data], negative_groups=[[group for _, group in n] for n in negatives])
 
-    def _negatives(self, index: int, group: str, epoch: int) -> list[str]:
+    def _negatives(self, index: int, group: str, epoch: int) -> list[tuple[str, str | None]]:
+        """Row ``index``'s ``num_negatives`` negatives of the epoch, each with its translation group."""
         wanted = self.config.num_negatives
         if not wanted:
             return []
         rng = np.random.default_rng([self.config.seed, epoch, int(index)])
-        mined = [t for t in (self.rows[index].get("negatives") or []) if t]
+        mined = [(t, None) for t in (self.rows[index].get("negatives") or []) if t]
         if len(mined) >= wanted:
             return [mined[i] for i in sorted(rng.choice(len(mined), wanted, replace=False))]
-        pool = self.groups[group]
-        if len(pool) <= wanted - len(mined):
-            raise DataFormatError(f"row {self.rows[index]['id']!r}: has {len(mined)} negatives, and group {group!r} "
-                                  f"has too few rows ({len(pool)}) to top them up to num_negatives={wanted}")
-        fill: list[str] = []
-        for j in rng.permutation(pool):
-            if j != index:
-                fill.append(self.rows[int(j)]["positive"])
-                if len(mined) + len(fill) == wanted:
-                    break
-        return mined + fill
+        own = self.rows[index].get("group")
+        fill: list[tuple[str, str | None]] = []
+        for j in rng.permutation(self.groups[group]):
+            other = self.rows[int(j)]
+            if j == index or (own and other.get("group") == own):
+                continue
+            fill.append((other["positive"], other.get("group")))
+            if len(mined) + len(fill) == wanted:
+                return mined + fill
+        raise DataFormatError(f"row {self.rows[index]['id']!r}: has {len(mined)} negatives, and group {group!r} has "
+                              f"too few rows outside the row's translation group to top them up to "
+                              f"num_negatives={wanted}")
 
 
 def _checked(row: Mapping[str, Any], index: int) -> Mapping[str, Any]:

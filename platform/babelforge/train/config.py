@@ -26,10 +26,10 @@ from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_va
 from babelforge.config import StrictModel
 from babelforge.data.config import RayOptions
 from babelforge.eval.config import EvalSettings
-from babelforge.train.batching import BatchingConfig, InstructionFormat
+from babelforge.train.batching import BatchingConfig, InstructionFormat, PromptTemplates
 from babelforge.train.data import TrainingSource
 
-__all__ = ["LoraSettings", "ModelSettings", "BatchingSettings", "DataSettings", "LossSettings", "OptimSettings",
+__all__ = ["LoraSettings", "ModelSettings", "TaskTemplateSettings", "BatchingSettings", "DataSettings", "LossSettings", "OptimSettings",
            "ComputeSettings", "ScalingSettings", "CheckpointSettings", "MonitorSettings", "TrainConfig"]
 
 
@@ -62,12 +62,21 @@ class ModelSettings(StrictModel):
     lora: LoraSettings | None = None
 
 
+class TaskTemplateSettings(StrictModel):
+    """One task's prefixes; a side left out (``null``) keeps the run-wide template."""
+
+    query: str | None = None
+    passage: str | None = None
+
+
 class BatchingSettings(StrictModel):
     """How rows become global batches (:class:`~babelforge.train.batching.BatchingConfig`).
 
     ``batch_size`` is the global batch: pairs per step over all workers. ``query_template`` /
     ``passage_template`` are the prefixes put before each text; ``{instruction}`` in a template is
-    replaced by the row's instruction (or ``task_instructions[task]``).
+    replaced by the row's instruction (or ``task_instructions[task]``). ``task_templates`` overrides
+    them per task (the row's ``task``), e.g. ``{bitext: {passage: "query: "}}`` for symmetric
+    bitext next to ``query: `` / ``passage: `` retrieval rows.
     """
 
     batch_size: PositiveInt = 32
@@ -80,6 +89,7 @@ class BatchingSettings(StrictModel):
     query_template: str = "query: "
     passage_template: str = "passage: "
     task_instructions: dict[str, str] = Field(default_factory=dict)
+    task_templates: dict[str, TaskTemplateSettings] = Field(default_factory=dict)
 
 
 class DataSettings(StrictModel):
@@ -280,5 +290,6 @@ class TrainConfig(StrictModel):
         return BatchingConfig(batch_size=b.batch_size, num_negatives=b.num_negatives, group_by=b.group_by,
                               cross_lingual_ratio=b.cross_lingual_ratio, bucket_window=b.bucket_window,
                               drop_last=b.drop_last, seed=b.seed,
-                              instructions=InstructionFormat(b.query_template, b.passage_template,
-                                                             dict(b.task_instructions)))
+                              instructions=InstructionFormat(
+                                  b.query_template, b.passage_template, dict(b.task_instructions),
+                                  {task: PromptTemplates(t.query, t.passage) for task, t in b.task_templates.items()}))

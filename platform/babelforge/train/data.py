@@ -14,6 +14,18 @@ Sources (``data.sources`` of the train config), each with a ``weight``:
   choice) as the query. Bitext trains the ``query``/``passage`` prefixes on translations; these
   keep retrieval of a passage from one of its sentences in the mix.
 
+**Translation groups** (``group``, see :mod:`babelforge.schema`) reach the rows of every source, for
+the loss's exact false-negative masking: parquet keeps its own column (the mine stage copies the
+pairs' groups; null where a file has none), ``ntrex`` and ``tatoeba`` rows keep their pairs' groups
+(``ntrex:<line>``, ``tatoeba:<lang>:<line>``), and the ``ntrex_passages`` rows of one passage window
+share ``ntrex-passage:<document>#<window>`` in every language. The passages of a window are
+translations of each other, and each row's query is one of the window's sentences, so across
+languages each row's positive answers the others' queries. Giving them the query sentence's
+``ntrex:<line>`` instead would not do: the row's query sentence is chosen per language, so the
+rows of one window would mostly get different groups. A row has one group, so a passage row is not
+in the groups of the window's sentences: the bitext rows of those sentences still count its
+passage as a negative if they share a batch, which ``group_by: task`` (the default) rules out.
+
 :func:`build_training_dataset` makes one Ray Dataset of all sources (parquet is read lazily by
 ``ray.data.read_parquet``; bundled data is built on the driver). Every worker then reads the *whole*
 dataset from ``ray.train.get_dataset_shard("train")`` and :func:`collect_rows` turns it into one
@@ -136,7 +148,11 @@ def _tag(table: pa.Table, index: int) -> pa.Table:
 
 
 def ntrex_passage_table(settings: NtrexPassageSettings) -> pa.Table:
-    """One row per passage of the train articles: a stable choice of its sentences -> the passage."""
+    """One row per passage of the train articles: a stable choice of its sentences -> the passage.
+
+    The rows of one window of an article share the group ``ntrex-passage:<document>#<window>`` in
+    every language (see the module docstring).
+    """
     lines = split_ntrex_lines(settings.holdout_fraction, settings.split_seed).train_lines
     rows = []
     for lang in settings.langs:
@@ -146,9 +162,10 @@ def ntrex_passage_table(settings: NtrexPassageSettings) -> pa.Table:
             sentences_of.setdefault(min(relevant), []).append(qid)
         for pid in sorted(sentences_of):
             qid = stable_sample(sentences_of[pid], 1, settings.sample_seed)[0]
+            window = pid.split(":", 1)[1]  # pid = "<lang>:<document>#<window>"
             rows.append({"id": f"ntrex-passage-{pid}", "query": task.queries[qid], "positive": task.corpus[pid],
                          "negatives": [], "query_lang": lang, "positive_lang": lang, "task": "short_long",
-                         "instruction": PASSAGE_INSTRUCTION, "source": "ntrex"})
+                         "instruction": PASSAGE_INSTRUCTION, "source": "ntrex", "group": f"ntrex-passage:{window}"})
     return pa.Table.from_pylist(rows, schema=TRAINING_SCHEMA)
 
 

@@ -18,7 +18,7 @@ from overwriting to accumulating gradient partitions in ``engine.forward``. See 
     >>> step = ContrastiveStep(model, MatryoshkaLoss(InfoNCELoss(), dims=[32, 16]), chunk_size=4, grad_cache=True)
     >>> metrics = step.run(batch)
     >>> metrics.pairs, sorted(metrics.terms), metrics.forward_passes
-    (8, ['loss@16', 'loss@32'], 2)
+    (8, ['loss@16', 'loss@32', 'masked_group_negatives@16', 'masked_group_negatives@32'], 2)
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from babelforge.train.batching import ContrastiveBatch
 from babelforge.train.gradcache import (BackwardFn, Chunk, Encoder, backward_cached, embed_chunks,
                                         embed_without_grad, plan_chunks)
 from babelforge.train.losses.base import EmbeddingLoss
+from babelforge.train.losses.groups import group_id
 
 __all__ = ["ContrastiveStep", "StepMetrics", "TokenizedBatch"]
 
@@ -44,11 +45,16 @@ def _backward(loss: torch.Tensor) -> None:
 
 @dataclass
 class TokenizedBatch:
-    """Model inputs of a batch: queries ``[B, Lq]`` and passages ``[B + B·N, Lp]`` (positives first)."""
+    """Model inputs of a batch: queries ``[B, Lq]`` and passages ``[B + B·N, Lp]`` (positives first).
+
+    ``groups`` are the texts' translation-group ids for the loss, ``[B, 1 + N]`` (column 0 the
+    pair's, then each negative's; see :mod:`~babelforge.train.losses.groups`), or ``None``.
+    """
 
     queries: dict[str, torch.Tensor]
     passages: dict[str, torch.Tensor]
     num_negatives: int
+    groups: torch.Tensor | None = None
 
     @property
     def pairs(self) -> int:
@@ -56,7 +62,8 @@ class TokenizedBatch:
 
     def to(self, device: torch.device | str) -> "TokenizedBatch":
         move = lambda feats: {k: v.to(device, non_blocking=True) for k, v in feats.items()}  # noqa: E731
-        return TokenizedBatch(move(self.queries), move(self.passages), self.num_negatives)
+        groups = None if self.groups is None else self.groups.to(device, non_blocking=True)
+        return TokenizedBatch(move(self.queries), move(self.passages), self.num_negatives, groups)
 
 
 @dataclass
@@ -114,11 +121,11 @@ class ContrastiveStep:
         self.forward_fn = forward_fn or model
 
     def tokenize(self, batch: ContrastiveBatch) -> TokenizedBatch:
-        """Tokenize on the CPU (prompts are already part of the batch's texts)."""
+        """Tokenize on the CPU (prompts are already part of the batch's texts); hash the translation groups."""
         return TokenizedBatch(
             queries=self.model.tokenize(batch.query_texts(), prompt="", max_length=self.max_query_length),
             passages=self.model.tokenize(batch.passage_texts(), prompt="", max_length=self.max_passage_length),
-            num_negatives=batch.num_negatives)
+            num_negatives=batch.num_negatives, groups=_group_ids(batch))
 
     def _encode(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         device = features["input_ids"].device
@@ -127,11 +134,11 @@ class ContrastiveStep:
         with autocast:
             return self.forward_fn(features)
 
-    def _loss(self, queries: torch.Tensor, passages: torch.Tensor,
-              num_negatives: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _loss(self, queries: torch.Tensor, passages: torch.Tensor, num_negatives: int,
+              groups: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         pairs = queries.shape[0]
         negatives = passages[pairs:].view(pairs, num_negatives, -1) if num_negatives else None
-        return self.loss.forward_with_terms(queries, passages[:pairs], negatives)
+        return self.loss.forward_with_terms(queries, passages[:pairs], negatives, groups)
 
     def run(self, batch: ContrastiveBatch | TokenizedBatch, backward_fn: BackwardFn = _backward) -> StepMetrics:
         """Forward, loss and backward of one batch; the caller then steps the optimiser.
@@ -150,13 +157,13 @@ class ContrastiveStep:
         if self.grad_cache:
             cached = [embed_without_grad(self._encode, f, plan) for f, plan in zip(towers, plans)]
             leaves = [embeddings.detach().float().requires_grad_() for embeddings, _ in cached]
-            loss, terms = self._loss(*leaves, inputs.num_negatives)
+            loss, terms = self._loss(*leaves, inputs.num_negatives, inputs.groups)
             loss.backward()  # reaches only the embedding leaves (and the gather's collectives)
             for features, plan, (_, states), leaf in zip(towers, plans, cached, leaves):
                 backward_cached(self._encode, features, plan, states, leaf.grad, backward_fn)
         else:
             embeddings = [embed_chunks(self._encode, f, plan) for f, plan in zip(towers, plans)]
-            loss, terms = self._loss(*embeddings, inputs.num_negatives)
+            loss, terms = self._loss(*embeddings, inputs.num_negatives, inputs.groups)
             backward_fn(loss)
         values = torch.stack([loss.detach().float(), *(t.float() for t in terms.values())]).tolist()
         return StepMetrics(
@@ -165,6 +172,15 @@ class ContrastiveStep:
             tokens=tokens,
             computed_tokens=sum(_computed(plan) for plan in plans),
             forward_passes=2 if self.grad_cache else 1, seconds=time.perf_counter() - started)
+
+
+def _group_ids(batch: ContrastiveBatch) -> torch.Tensor | None:
+    """``[B, 1 + N]`` int64 group ids of the batch's pairs and negatives; ``None`` when it has no groups."""
+    if batch.groups is None:
+        return None
+    negative_groups = batch.negative_groups or [[None] * batch.num_negatives for _ in batch.groups]
+    return torch.tensor([[group_id(g) for g in (pair, *negatives)]
+                         for pair, negatives in zip(batch.groups, negative_groups)], dtype=torch.int64)
 
 
 def _computed(plan: list[Chunk]) -> int:

@@ -17,15 +17,19 @@ __all__ = ["EmbeddingLoss"]
 class EmbeddingLoss(nn.Module):
     """Base class: implement :meth:`forward_with_terms`; ``forward`` returns just the loss.
 
-    Inputs are ``queries [B, D]``, ``positives [B, D]`` (row ``i`` is the positive of query ``i``)
-    and optionally ``negatives [B, N, D]`` (hard negatives of each query). The terms are detached
-    scalars for logging (per-dimension losses, masked false negatives...).
+    Inputs are ``queries [B, D]``, ``positives [B, D]`` (row ``i`` is the positive of query ``i``),
+    optionally ``negatives [B, N, D]`` (hard negatives of each query) and optionally ``groups``,
+    the int64 translation-group ids of the texts (:mod:`~babelforge.train.losses.groups`): ``[B]``
+    for each pair (its query and positive), or ``[B, 1 + N]`` with the pair's group in column 0 and
+    hard negative ``k``'s group in column ``1 + k``; negative ids mean "no group". Losses that do
+    not use groups ignore them. The terms are detached scalars for logging (per-dimension losses,
+    masked false negatives...).
     """
 
-    def forward(self, queries: torch.Tensor, positives: torch.Tensor,
-                negatives: torch.Tensor | None = None) -> torch.Tensor:
-        return self.forward_with_terms(queries, positives, negatives)[0]
+    def forward(self, queries: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None = None,
+                groups: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_with_terms(queries, positives, negatives, groups)[0]
 
-    def forward_with_terms(self, queries: torch.Tensor, positives: torch.Tensor,
-                           negatives: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward_with_terms(self, queries: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None = None,
+                           groups: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError

@@ -16,10 +16,16 @@ with ``s`` the cosine similarity and ``τ`` the temperature. Options:
   DeepSpeed do to gradients) is the full global-batch mean.
 - ``bidirectional=True`` adds ``Σ_j exp(s(q_j, d_i)/τ)`` (the passage choosing among all queries) and
   ``same_side=True`` adds ``Σ_{j≠i} exp(s(q_i, q_j)/τ) + Σ_{j≠i} exp(s(d_i, d_j)/τ)`` (queries
-  repelling queries, passages repelling the other groups' passages) to the *same* partition
+  repelling queries, passages repelling the other pairs' passages) to the *same* partition
   function ``Z_i``: the "improved contrastive loss" of GTE (Li et al. 2023, arXiv 2308.03281).
 - ``false_negative_margin``: candidates scoring above the positive by more than the margin leave
   ``Z_i`` (:mod:`~babelforge.train.losses.false_negatives`).
+- ``groups`` (an argument, not an option): every candidate of any term that belongs to the query's
+  translation group, other than its positive, leaves ``Z_i``
+  (:mod:`~babelforge.train.losses.groups`). A pair's query and positive are in the pair's group; a
+  hard negative is in its own group (a negative topped up from another row's positive: that row's
+  group; a mined one: none, mining never picks a text of the pair's group). With the gather, the
+  group ids are gathered alongside the embeddings.
 
 Example::
 
@@ -35,12 +41,15 @@ Example::
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
 from babelforge.train.distributed import gather_with_grad, rank
 from babelforge.train.losses.base import EmbeddingLoss
 from babelforge.train.losses.false_negatives import false_negative_mask
+from babelforge.train.losses.groups import NO_GROUP, same_group_mask
 
 __all__ = ["InfoNCELoss"]
 
@@ -67,8 +76,8 @@ class InfoNCELoss(EmbeddingLoss):
         self.false_negative_margin = false_negative_margin
         self.gather = gather
 
-    def forward_with_terms(self, queries: torch.Tensor, positives: torch.Tensor,
-                           negatives: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward_with_terms(self, queries: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None = None,
+                           groups: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if queries.shape != positives.shape or queries.dim() != 2:
             raise ValueError(f"queries {tuple(queries.shape)} and positives {tuple(positives.shape)} "
                              "must both be [B, D]")
@@ -91,28 +100,35 @@ class InfoNCELoss(EmbeddingLoss):
         rows = torch.arange(batch, device=q.device)
         own = rows + offset  # column of each local pair among the gathered queries / positives
 
-        # Blocks of one joint partition function: (similarities, entries to exclude, positive entries).
-        # Positives come first among the passages, so column ``own`` is the pair in both layouts.
+        # Blocks of one joint partition function: (similarities, entries to exclude, positive entries,
+        # whether the candidates are the passages or the queries). Positives come first among the
+        # passages, so column ``own`` is the pair in both layouts.
         pair_d = torch.zeros(batch, docs.shape[0], dtype=torch.bool, device=q.device)
         pair_d[rows, own] = True
         pair_q = pair_d[:, :global_batch]
         none_d, none_q = torch.zeros_like(pair_d), torch.zeros_like(pair_q)
-        blocks = [(q @ docs.T, none_d, pair_d)]
+        blocks = [(q @ docs.T, none_d, pair_d, True)]
         if self.bidirectional:
-            blocks.append((p @ all_q.T, none_q, pair_q))
+            blocks.append((p @ all_q.T, none_q, pair_q, False))
         if self.same_side:
-            blocks.append((q @ all_q.T, pair_q, none_q))  # a query is not its own negative
-            own_group = pair_d.clone()  # nor are a passage's own group (its pair's positive and hard negatives)
+            blocks.append((q @ all_q.T, pair_q, none_q, False))  # a query is not its own negative
+            own_pair = pair_d.clone()  # nor are a passage's own pair (its positive and hard negatives)
             if per_query:
                 hard = global_batch + own.unsqueeze(1) * per_query + torch.arange(per_query, device=q.device)
-                own_group[rows.unsqueeze(1), hard] = True
-            blocks.append((p @ docs.T, own_group, none_d))
+                own_pair[rows.unsqueeze(1), hard] = True
+            blocks.append((p @ docs.T, own_pair, none_d, True))
         sims = torch.cat([b[0] for b in blocks], dim=1)
         excluded = torch.cat([b[1] for b in blocks], dim=1)
         is_positive = torch.cat([b[2] for b in blocks], dim=1)
 
         positive_sims = sims[rows, own]
         terms: dict[str, torch.Tensor] = {}
+        if groups is not None:
+            pair_groups, doc_groups = self._gathered_groups(groups, batch, per_query, gather)
+            columns = torch.cat([doc_groups if of_docs else pair_groups for *_, of_docs in blocks])
+            same = same_group_mask(pair_groups[own], columns, is_positive) & ~excluded
+            excluded = excluded | same
+            terms["masked_group_negatives"] = same.sum(dim=1).float().mean().detach()
         if self.false_negative_margin is not None:
             masked = false_negative_mask(sims, positive_sims, is_positive, self.false_negative_margin) & ~excluded
             excluded = excluded | masked
@@ -120,3 +136,14 @@ class InfoNCELoss(EmbeddingLoss):
         logits = (sims / self.temperature).masked_fill(excluded, float("-inf"))
         loss = (torch.logsumexp(logits, dim=1) - positive_sims / self.temperature).mean()
         return loss, terms
+
+    @staticmethod
+    def _gathered_groups(groups: torch.Tensor, batch: int, per_query: int,
+                         gather: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Group ids of all workers' pairs ``[W·B]`` and passages ``[W·B + W·B·N]`` (the ``docs`` order)."""
+        if groups.dim() == 1:
+            groups = torch.cat([groups.unsqueeze(1), groups.new_full((len(groups), per_query), NO_GROUP)], dim=1)
+        if groups.shape != (batch, 1 + per_query):
+            raise ValueError(f"groups must be [B={batch}] or [B, 1 + N={1 + per_query}], got {tuple(groups.shape)}")
+        all_groups = gather(groups.long())  # ids carry no gradient: the gather is a plain all-gather here
+        return all_groups[:, 0], torch.cat([all_groups[:, 0], all_groups[:, 1:].reshape(-1)])

@@ -41,7 +41,8 @@ class MatryoshkaLoss(EmbeddingLoss):
 
     ``dims`` should include the full embedding size (the served default). ``weights`` default to
     1 for every dimension. Terms are the unweighted per-dimension losses, named ``loss@<dim>``,
-    plus the inner loss's own terms suffixed the same way.
+    plus the inner loss's own terms suffixed the same way. ``groups`` (translation groups) go to
+    the inner loss unchanged: they name texts, whatever the dimension.
     """
 
     def __init__(self, loss: EmbeddingLoss, dims: Sequence[int], weights: Sequence[float] | None = None) -> None:
@@ -57,8 +58,8 @@ class MatryoshkaLoss(EmbeddingLoss):
         self.dims = [int(d) for d in dims]
         self.weights = [float(w) for w in weights]
 
-    def forward_with_terms(self, queries: torch.Tensor, positives: torch.Tensor,
-                           negatives: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward_with_terms(self, queries: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None = None,
+                           groups: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         full = queries.shape[-1]
         if max(self.dims) > full:
             raise ValueError(f"Matryoshka dimension {max(self.dims)} exceeds the embedding size {full}")
@@ -66,7 +67,7 @@ class MatryoshkaLoss(EmbeddingLoss):
         terms: dict[str, torch.Tensor] = {}
         for dim, weight in zip(self.dims, self.weights):
             loss, inner = self.loss.forward_with_terms(
-                queries[..., :dim], positives[..., :dim], None if negatives is None else negatives[..., :dim])
+                queries[..., :dim], positives[..., :dim], None if negatives is None else negatives[..., :dim], groups)
             total = total + weight * loss
             terms[f"loss@{dim}"] = loss.detach()
             terms.update({f"{name}@{dim}": value for name, value in inner.items()})
