@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from babelforge.errors import ConfigError
 
-__all__ = ["StrictModel", "load_config", "load_config_dict", "apply_overrides", "dump_config"]
+__all__ = ["StrictModel", "load_config", "load_config_dict", "read_yaml_mapping", "apply_overrides", "dump_config"]
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -87,22 +87,27 @@ def load_config_dict(data: dict[str, Any] | None, model: type[ModelT], source: s
         raise ConfigError(format_validation_error(err, source)) from None
 
 
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML file; a missing file, bad YAML or a non-mapping is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
+    return loaded or {}
+
+
 def load_config(path: str | Path | None, model: type[ModelT], overrides: Iterable[str] = ()) -> ModelT:
     """Load a YAML file (or only defaults when ``path`` is None) into ``model``."""
     data: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
-        path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
-        data = loaded or {}
+        data = read_yaml_mapping(path)
     overrides = list(overrides)
     if overrides:
         apply_overrides(data, overrides)

@@ -19,10 +19,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-import yaml
 from pydantic import Field, model_validator
 
-from babelforge.config import StrictModel, apply_overrides, load_config_dict
+from babelforge.config import StrictModel, apply_overrides, load_config_dict, read_yaml_mapping
 from babelforge.errors import ConfigError
 
 __all__ = ["ServeConfig", "BatchingConfig", "LimitsConfig", "AuthConfig", "AutoscalingConfig", "HttpConfig",
@@ -124,7 +123,7 @@ def load_serve_config(path: str | Path | None, model_path: str | None = None,
     source = "<defaults>"
     if path is not None:
         source = str(path)
-        data = _read_yaml_mapping(Path(path))
+        data = read_yaml_mapping(Path(path))
         if "applications" in data:
             data = _from_serve_file(data, source)
     if model_path is not None:
@@ -134,18 +133,6 @@ def load_serve_config(path: str | Path | None, model_path: str | None = None,
         apply_overrides(data, overrides)
         source += " (with overrides " + ", ".join(overrides) + ")"
     return load_config_dict(data, ServeConfig, source)
-
-
-def _read_yaml_mapping(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if loaded is not None and not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
-    return loaded or {}
 
 
 def _from_serve_file(serve_file: dict[str, Any], source: str) -> dict[str, Any]:
