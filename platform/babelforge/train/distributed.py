@@ -69,6 +69,9 @@ def _local_worker(local_rank: int, fn: Callable[..., Any], world: int, port: int
     dist.init_process_group("gloo", rank=local_rank, world_size=world)
     try:
         fn(local_rank, world, *args)
+        # A rank that tears gloo down while its peer still has collectives in flight can abort
+        # ("terminate called without an active exception"); leave together.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
