@@ -58,7 +58,7 @@ from babelforge.data.shards import list_parquet_files, resolve_filesystem
 from babelforge.errors import DataFormatError
 from babelforge.eval.bitext import DEFAULT_HOLDOUT_FRACTION, DEFAULT_SPLIT_SEED, read_ntrex, split_ntrex_lines
 from babelforge.eval.datasets import stable_sample
-from babelforge.resources import LANGUAGE_NAMES, NTREX_FILES, TATOEBA_CODES, tatoeba_files
+from babelforge.resources import LANGUAGE_NAMES, NTREX_FILES, TATOEBA_CODES, check_languages, tatoeba_files
 from babelforge.schema import PAIR_SCHEMA, SYNTHETIC_SCHEMA, require_columns
 
 __all__ = ["PAIRS_INPUT_SCHEMA", "BITEXT_INSTRUCTION", "SyntheticPairs", "PairFiles", "NtrexPairs", "TatoebaPairs",
@@ -122,10 +122,7 @@ class TatoebaSettings(StrictModel):
     @field_validator("langs")
     @classmethod
     def _check_langs(cls, langs: list[str]) -> list[str]:
-        unknown = [lang for lang in langs if lang not in TATOEBA_CODES]
-        if unknown:
-            raise ValueError(f"Tatoeba has no {unknown}; available: {', '.join(TATOEBA_CODES)}")
-        return langs
+        return check_languages(langs, TATOEBA_CODES, "Tatoeba")
 
 
 class TatoebaPairs(StrictModel):

@@ -32,7 +32,7 @@ from babelforge.eval.bitext import (DEFAULT_HOLDOUT_FRACTION, DEFAULT_SPLIT_SEED
                                     parse_line_range, select_ntrex_lines, tatoeba_task)
 from babelforge.eval.datasets import LoadReport, RetrievalTask, Setting, load_beir
 from babelforge.eval.metrics import DEFAULT_METRICS, MAIN_METRIC, parse_metric
-from babelforge.resources import NTREX_FILES, TATOEBA_CODES, ntrex_document_ids
+from babelforge.resources import NTREX_FILES, TATOEBA_CODES, check_languages, ntrex_document_ids
 
 __all__ = ["PromptSpec", "NtrexTaskSpec", "TatoebaTaskSpec", "BeirTaskSpec", "TaskSpec", "NtrexSplitSpec",
            "EvalSettings", "EvalJobConfig", "build_tasks"]
@@ -48,13 +48,6 @@ class PromptSpec(StrictModel):
 
     query: str | None
     corpus: str | None
-
-
-def _known_languages(langs: list[str], table: dict[str, str], corpus: str) -> list[str]:
-    unknown = [lang for lang in langs if lang not in table]
-    if unknown:
-        raise ValueError(f"{corpus} has no language {unknown}; available: {', '.join(sorted(table))}")
-    return langs
 
 
 class NtrexTaskSpec(StrictModel):
@@ -80,7 +73,7 @@ class NtrexTaskSpec(StrictModel):
     @field_validator("langs")
     @classmethod
     def _check_langs(cls, langs: list[str]) -> list[str]:
-        return _known_languages(langs, NTREX_FILES, "NTREX")
+        return check_languages(langs, NTREX_FILES, "NTREX")
 
     @field_validator("pairs")
     @classmethod
@@ -89,7 +82,7 @@ class NtrexTaskSpec(StrictModel):
             match = _PAIR.match(pair)
             if not match or match.group(1) == match.group(2):
                 raise ValueError(f"pair {pair!r}: expected QUERY-CORPUS with two different codes, e.g. de-en")
-            _known_languages([match.group(1), match.group(2)], NTREX_FILES, "NTREX")
+            check_languages([match.group(1), match.group(2)], NTREX_FILES, "NTREX")
         return pairs
 
     @field_validator("lines")
@@ -125,7 +118,7 @@ class TatoebaTaskSpec(StrictModel):
     @field_validator("langs")
     @classmethod
     def _check_langs(cls, langs: list[str]) -> list[str]:
-        return _known_languages(langs, TATOEBA_CODES, "Tatoeba")
+        return check_languages(langs, TATOEBA_CODES, "Tatoeba")
 
 
 class BeirTaskSpec(StrictModel):

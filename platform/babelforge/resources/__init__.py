@@ -14,8 +14,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["data_dir", "ntrex_file", "ntrex_document_ids", "tatoeba_files", "NTREX_FILES", "TATOEBA_CODES",
-           "LANGUAGE_NAMES", "SCRIPTS"]
+__all__ = ["data_dir", "ntrex_file", "ntrex_document_ids", "tatoeba_files", "check_languages", "NTREX_FILES",
+           "TATOEBA_CODES", "LANGUAGE_NAMES", "SCRIPTS"]
 
 NTREX_FILES = {
     "en": "ntrex.eng-US.txt", "de": "ntrex.deu.txt", "es": "ntrex.spa.txt", "fr": "ntrex.fra.txt",
@@ -51,6 +51,14 @@ def _check_lang(lang: str, table: dict[str, str], corpus: str) -> str:
     if lang not in table:
         raise KeyError(f"{corpus} has no language {lang!r}; available: {', '.join(sorted(table))}")
     return table[lang]
+
+
+def check_languages(langs: list[str], table: dict[str, str], corpus: str) -> list[str]:
+    """``langs`` unchanged when ``table`` (e.g. :data:`NTREX_FILES`) has them all; a ValueError naming the others."""
+    unknown = [lang for lang in langs if lang not in table]
+    if unknown:
+        raise ValueError(f"{corpus} has no language {unknown}; available: {', '.join(sorted(table))}")
+    return langs
 
 
 def ntrex_file(lang: str, root: str | Path | None = None) -> Path:

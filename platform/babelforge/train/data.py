@@ -57,7 +57,7 @@ from babelforge.errors import DataFormatError
 from babelforge.eval.bitext import (DEFAULT_HOLDOUT_FRACTION, DEFAULT_SPLIT_SEED, ntrex_monolingual_task,
                                     split_ntrex_lines)
 from babelforge.eval.datasets import stable_sample
-from babelforge.resources import NTREX_FILES
+from babelforge.resources import NTREX_FILES, check_languages
 from babelforge.schema import TRAINING_SCHEMA, require_columns
 from babelforge.train.batching import ContrastiveBatch, ContrastiveBatcher, GlobalBatch
 
@@ -104,10 +104,7 @@ class NtrexPassageSettings(StrictModel):
     @field_validator("langs")
     @classmethod
     def _check_langs(cls, langs: list[str]) -> list[str]:
-        unknown = [lang for lang in langs if lang not in NTREX_FILES]
-        if unknown:
-            raise ValueError(f"NTREX has no {unknown}; available: {', '.join(sorted(NTREX_FILES))}")
-        return langs
+        return check_languages(langs, NTREX_FILES, "NTREX")
 
 
 class NtrexPassagesSource(StrictModel):
