@@ -226,3 +226,16 @@ def test_object_storage_model_dir_is_copied_to_the_cache_once(tmp_path, monkeypa
     np.testing.assert_allclose(remote.encode(TEXTS), Embedder.from_pretrained(tiny_encoder_dir).encode(TEXTS), atol=1e-6)
     with pytest.raises(ModelLoadError, match="does not exist"):
         resolve_model_dir("memory://bucket/run/missing")
+
+
+def test_inference_placement_puts_bf16_on_cuda_only_and_keeps_explicit_choices(monkeypatch):
+    from babelforge.models import inference_placement
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert inference_placement() == ("cpu", "float32")
+    assert inference_placement("auto", "auto") == ("cpu", "float32")
+    assert inference_placement("cpu", "bfloat16") == ("cpu", "bfloat16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert inference_placement() == ("cuda", "bfloat16")
+    assert inference_placement("cuda:1", None) == ("cuda:1", "bfloat16")
+    assert inference_placement("auto", "float32") == ("cuda", "float32")

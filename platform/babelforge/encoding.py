@@ -78,14 +78,11 @@ class EmbedBatch:
                  torch_threads: int | None = None) -> None:
         import torch
 
-        from babelforge.models import Embedder
+        from babelforge.models import Embedder, inference_placement
 
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype is None and device.startswith("cuda"):
-            dtype = "bfloat16"
+        device, dtype = inference_placement(device, dtype)
         self.model = Embedder.from_pretrained(model_path, device=device, dtype=dtype)
         self.text_column = text_column
         self.output_column = output_column

@@ -119,12 +119,12 @@ class PoolSearchActor:
 
         from babelforge.filter.pool import PoolGroups, PoolLookup, PoolTexts
         from babelforge.index import IndexConfig, ShardedIndex, VectorStore
-        from babelforge.models import Embedder
+        from babelforge.models import Embedder, inference_placement
 
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
             faiss.omp_set_num_threads(int(torch_threads))
-        dtype = teacher.get("dtype") or ("bfloat16" if device.startswith("cuda") else None)
+        device, dtype = inference_placement(device, teacher.get("dtype") or None)
         self.model = Embedder.from_pretrained(model_path, device=device, dtype=dtype)
         self.teacher = teacher
         self.rows_per_call = rows_per_call

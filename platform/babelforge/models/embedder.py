@@ -36,7 +36,7 @@ from babelforge.models.sources import resolve_model_dir
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Embedder", "EmbedderConfig", "BABELFORGE_CONFIG_NAME", "ENCODER_MODEL_TYPES"]
+__all__ = ["Embedder", "EmbedderConfig", "BABELFORGE_CONFIG_NAME", "ENCODER_MODEL_TYPES", "inference_placement"]
 
 BABELFORGE_CONFIG_NAME = "babelforge.json"
 FORMAT_VERSION = 1
@@ -112,6 +112,18 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def inference_placement(device: str = "auto", dtype: str | None = None) -> tuple[str, str]:
+    """Device and dtype for encoding: ``auto`` is CUDA when visible; no dtype (or ``auto``) is bf16 on CUDA, fp32 else.
+
+    Training keeps :meth:`Embedder.from_pretrained`'s own default (fp32 weights, autocast on top).
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype in (None, "auto"):
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return device, dtype
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

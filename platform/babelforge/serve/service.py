@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from babelforge.errors import ConfigError
-from babelforge.models import Embedder, truncate_embeddings_np
+from babelforge.models import Embedder, inference_placement, truncate_embeddings_np
 from babelforge.serve.batcher import BatchLimits, BatchReport, TokenBudgetBatcher
 from babelforge.serve.config import ServeConfig
 from babelforge.serve.protocol import APIError, TextInputs
@@ -40,12 +40,7 @@ def load_embedder(config: ServeConfig, torch_threads: int | None = None) -> Embe
     """The model of ``config`` on its device (``auto``: CUDA when visible) and dtype (``auto``: bf16 on GPU)."""
     if torch_threads:
         torch.set_num_threads(torch_threads)
-    device = config.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = config.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    device, dtype = inference_placement(config.device, config.dtype)
     model = Embedder.from_pretrained(config.model_path, device=device, dtype=dtype)
     log.info("loaded %s from %s on %s (%s), dims %s", config.served_model_name, config.model_path, device, dtype,
              model.embedding_dims)
