@@ -161,6 +161,13 @@ class LoadReport:
         if len(self.problems) < self.MAX_PROBLEMS:
             self.problems.append(message)
 
+    def skip(self, counter: str, message: str, on_error: OnError) -> None:
+        """Count a skipped line under ``counter`` and note why, or raise that as a DataFormatError."""
+        if on_error == "raise":
+            raise DataFormatError(message) from None
+        setattr(self, counter, getattr(self, counter) + 1)
+        self.note(message)
+
     def summary(self) -> str:
         counts = {"malformed lines": self.malformed_lines, "empty queries": self.empty_queries,
                   "empty docs": self.empty_docs, "duplicate ids": self.duplicate_ids,
@@ -207,11 +214,7 @@ def _read_jsonl(path: str, report: LoadReport, on_error: OnError) -> Iterator[tu
                 if not isinstance(record.get("_id"), (str, int)):
                     raise ValueError("missing field '_id'")
             except ValueError as err:  # json.JSONDecodeError is a ValueError
-                message = f"{path}:{lineno}: malformed record: {err}"
-                if on_error == "raise":
-                    raise DataFormatError(message) from None
-                report.malformed_lines += 1
-                report.note(message)
+                report.skip("malformed_lines", f"{path}:{lineno}: malformed record: {err}", on_error)
                 continue
             yield lineno, record
 
@@ -238,10 +241,7 @@ def _read_texts(path: str, kind: Literal["query", "doc"], report: LoadReport, on
         elif not text:
             problem, counter = f"{path}:{lineno}: {kind} {rid!r} has no text", _EMPTY_COUNTER[kind]
         if problem:
-            if on_error == "raise":
-                raise DataFormatError(problem)
-            setattr(report, counter, getattr(report, counter) + 1)
-            report.note(problem)
+            report.skip(counter, problem, on_error)
             continue
         texts[rid] = text
     return texts
@@ -262,11 +262,7 @@ def _read_qrels(path: str, queries: dict[str, str], corpus: dict[str, str], repo
                     raise ValueError(f"expected 3 tab-separated columns (query-id, corpus-id, score), got {len(row)}")
                 qid, docid, score = row[0].strip(), row[1].strip(), int(row[2])
             except ValueError as err:
-                message = f"{path}:{lineno}: malformed qrels row: {err}"
-                if on_error == "raise":
-                    raise DataFormatError(message) from None
-                report.malformed_lines += 1
-                report.note(message)
+                report.skip("malformed_lines", f"{path}:{lineno}: malformed qrels row: {err}", on_error)
                 continue
             missing = "query" if qid not in queries else "doc" if docid not in corpus else None
             if missing:
